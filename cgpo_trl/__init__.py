@@ -5,8 +5,8 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from .config import CGPOConfig
     from .confidence import get_confidence_estimator, list_confidence_estimators, register_confidence_estimator
+    from .config import CGPOConfig
     from .trainer import CGPOTrainer
 
 _LAZY = {

@@ -1,0 +1,222 @@
+"""Tiny random models, a locally trained tokenizer and a processor, all built offline from configs.
+
+Tests, the CPU demo and the benchmarks reuse these instead of hub checkpoints (no hub is reachable here). Every
+builder returns objects that behave like the real ones: the VLM is a `Qwen2_5_VLForConditionalGeneration` with the
+Qwen special tokens and chat template, so TRL takes its VLM path, and `save_tiny_vlm` writes a folder that
+`cgpo_trl.models.load_model_and_processor` loads exactly like a real Qwen2.5-VL checkpoint.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers.models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from .models import ImageOnlyQwen2_5_VLProcessor
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# Qwen2.5-VL's chat template without the default system prompt: the measured demo learns faster with the shorter
+# prompt (shared/notes/demo-and-cgpo-stability.md). `{% generation %}` marks assistant text for SFT's
+# `assistant_only_loss`.
+CHAT_TEMPLATE = (
+    "{% macro render(content) %}{% if content is string %}{{ content }}{% else %}{% for part in content %}"
+    "{% if part['type'] == 'image' or 'image' in part %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}{% endmacro %}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ render(message['content']) }}<|im_end|>"
+    "{% endgeneration %}{% else %}{{ render(message['content']) }}<|im_end|>{% endif %}{{ '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+_COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "cyan", "pink", "white", "black", "grey"]
+_SHAPES = ["circle", "square", "triangle", "star", "object", "objects"]
+
+
+def _corpus() -> list[str]:
+    """Text the tokenizer is trained on: tags, task words, the synthetic vocabulary, digits and common English."""
+    lines = [
+        "<think>The image shows a few shapes. One of them differs from the others.</think>",
+        "<answer><rg>the red circle</rg></answer>",
+        "<answer><ins>the blue square</ins><ins>the large green star</ins></answer>",
+        "Find the most salient object in the image. Describe it inside <rg></rg> tags.",
+        "Find every salient instance in the image. Describe each one inside <ins></ins> tags.",
+        "These images share a common salient object. Describe it inside <rg></rg> tags.",
+        "Think first inside <think></think>, then answer inside <answer></answer>.",
+        "What is 12 + 7? The answer is 19. Reverse the string abc: cba.",
+        "the small large odd one out colour shape size differs from the others because it is unique",
+    ]
+    for colour in _COLOURS:
+        for shape in _SHAPES:
+            lines.append(f"the {colour} {shape} the small {colour} {shape} the large {colour} {shape}")
+    lines.extend(" ".join(str(i) for i in range(start, start + 20)) for start in range(0, 200, 20))
+    return lines * 4
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer_json(vocab_size: int) -> str:
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    return tok.to_str()
+
+
+def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with Qwen's special tokens and a Qwen2.5-VL-style chat template."""
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json(vocab_size)),
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHAT_TEMPLATE,
+        padding_side="left",
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:2] + SPECIAL_TOKENS[3:]})
+    return tokenizer
+
+
+def build_tiny_processor(vocab_size: int = 512, image_size: int = 56) -> ImageOnlyQwen2_5_VLProcessor:
+    """Processor whose pixel range keeps an `image_size`-px square image at (image_size/14)^2 patches."""
+    tokenizer = build_tokenizer(vocab_size)
+    side = max(image_size, 56)
+    image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": side * side})
+    return ImageOnlyQwen2_5_VLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
+    )
+
+
+def _token_ids(tokenizer) -> dict[str, int]:
+    ids = {
+        name: tokenizer.convert_tokens_to_ids(tok)
+        for name, tok in [
+            ("image_token_id", "<|image_pad|>"),
+            ("video_token_id", "<|video_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"),
+            ("vision_end_token_id", "<|vision_end|>"),
+        ]
+    }
+    return ids
+
+
+def build_tiny_vlm(
+    seed: int = 0,
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    vision_hidden_size: int = 64,
+    vision_depth: int = 2,
+    vocab_size: int = 512,
+    image_size: int = 56,
+) -> tuple[Qwen2_5_VLForConditionalGeneration, ImageOnlyQwen2_5_VLProcessor]:
+    """A random Qwen2.5-VL (defaults: 0.66 M parameters, the size the CPU demo was measured with)."""
+    processor = build_tiny_processor(vocab_size, image_size)
+    tokenizer = processor.tokenizer
+    heads = max(hidden_size // 32, 2)
+    head_dim = hidden_size // heads
+    quarter = head_dim // 4
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": hidden_size,
+            "intermediate_size": hidden_size * 2,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": max(heads // 2, 1),
+            "max_position_embeddings": 1024,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [head_dim // 2 - 2 * quarter, quarter, quarter],
+            },
+            "tie_word_embeddings": True,
+            "bos_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={
+            "depth": vision_depth,
+            "hidden_size": vision_hidden_size,
+            "intermediate_size": vision_hidden_size * 2,
+            "num_heads": max(vision_hidden_size // 32, 1),
+            "out_hidden_size": hidden_size,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 112,
+            "fullatt_block_indexes": list(range(vision_depth)),
+        },
+        tie_word_embeddings=True,
+        **_token_ids(tokenizer),
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    _set_generation_ids(model, tokenizer)
+    return model, processor
+
+
+def build_tiny_lm(
+    seed: int = 0, hidden_size: int = 64, num_layers: int = 2, vocab_size: int = 512
+) -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerFast]:
+    """A random Qwen2 text LM with the same tokenizer."""
+    tokenizer = build_tokenizer(vocab_size)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=max(hidden_size // 32, 2),
+        num_key_value_heads=1,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    _set_generation_ids(model, tokenizer)
+    return model, tokenizer
+
+
+def _set_generation_ids(model, tokenizer) -> None:
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.pad_token_id
+
+
+def save_tiny_vlm(path: str | os.PathLike, seed: int = 0, **kwargs) -> str:
+    """Write a tiny VLM checkpoint folder (model + processor), loadable by `load_model_and_processor`."""
+    model, processor = build_tiny_vlm(seed=seed, **kwargs)
+    return save_pretrained(model, processor, path)
+
+
+def save_tiny_lm(path: str | os.PathLike, seed: int = 0, **kwargs) -> str:
+    model, tokenizer = build_tiny_lm(seed=seed, **kwargs)
+    return save_pretrained(model, tokenizer, path)
+
+
+def save_pretrained(model, processor, path: str | os.PathLike) -> str:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)
