@@ -216,7 +216,7 @@ def det(mask, score):
 def test_sis_perfect_and_half_recall():
     a, b = two_instances()
     gt = coco_gt([a, b])
-    assert evaluate_sis([det(a, 0.9), det(b, 0.8)], gt) == {"AP": 1.0, "AP50": 1.0, "AP70": 1.0}
+    assert evaluate_sis([det(a, 0.9), det(b, 0.8)], gt) == pytest.approx({"AP": 1.0, "AP50": 1.0, "AP70": 1.0})
     # Recall stops at 0.5 with precision 1: COCO's 101 recall points 0, .01, ..., .50 score 1, the rest 0.
     half = evaluate_sis([det(a, 0.9)], gt)
     assert half == pytest.approx({"AP": 51 / 101, "AP50": 51 / 101, "AP70": 51 / 101})
@@ -247,4 +247,4 @@ def test_sis_bad_inputs(tmp_path):
         evaluate_sis([det(a, 0.9)], two_cats)
     gt_file = tmp_path / "gt.json"
     gt_file.write_text(json.dumps(gt))
-    assert evaluate_sis([det(a, 0.9), det(b, 0.8)], gt_file)["AP"] == 1.0
+    assert evaluate_sis([det(a, 0.9), det(b, 0.8)], gt_file)["AP"] == pytest.approx(1.0)

@@ -1,0 +1,143 @@
+"""`python -m cgpo_trl.eval` on fixture folders written in tmp_path."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cgpo_trl.eval import main
+from cgpo_trl.saliency.metrics import SIS_METRICS, SOD_METRICS, encode_mask
+
+
+def square(size=40, lo=10, hi=30):
+    mask = np.zeros((size, size), np.uint8)
+    mask[lo:hi, lo:hi] = 255
+    return mask
+
+
+def write(folder, name, array):
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(folder / f"{name}.png")
+
+
+@pytest.fixture
+def sod_dirs(tmp_path):
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    write(gt, "a", square())
+    write(gt, "b", square())
+    write(pred, "a", square())  # perfect
+    write(pred, "b", np.zeros((40, 40), np.uint8))  # empty: MAE 0.25
+    return pred, gt
+
+
+def test_sod_json(sod_dirs, tmp_path, capsys):
+    pred, gt = sod_dirs
+    out = main(["sod", "--pred", str(pred), "--gt", str(gt), "--json", str(tmp_path / "r" / "sod.json")])
+    written = json.loads((tmp_path / "r" / "sod.json").read_text())
+    assert written == out
+    assert all(k in written for k in SOD_METRICS)
+    assert written["num_images"] == 2 and written["num_missing"] == written["num_extra"] == 0
+    assert written["MAE"] == pytest.approx(0.125)
+    assert written["Sm"] == pytest.approx((1 + 0.5 * 0.75) / 2)
+    assert "MAE" in capsys.readouterr().out
+
+
+def test_sod_resizes_prediction_of_another_size(sod_dirs):
+    pred, gt = sod_dirs
+    write(pred, "a", square(size=80, lo=20, hi=60))  # same square at twice the resolution
+    out = main(["sod", "--pred", str(pred), "--gt", str(gt), "--no_progress"])
+    assert out["MAE"] == pytest.approx(0.125, abs=2e-3)
+
+
+def test_missing_and_extra_files(sod_dirs, capsys):
+    pred, gt = sod_dirs
+    (pred / "b.png").unlink()
+    write(pred, "zzz", square())
+    with pytest.raises(SystemExit) as exc:
+        main(["sod", "--pred", str(pred), "--gt", str(gt)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "missing predictions" in err and ": b" in err and "zzz" in err and "Traceback" not in err
+    out = main(["sod", "--pred", str(pred), "--gt", str(gt), "--allow_missing"])
+    assert out["num_images"] == 1 and out["num_missing"] == 1 and out["num_extra"] == 1
+    assert out["MAE"] == 0
+
+
+def test_bad_inputs_name_the_file(sod_dirs, tmp_path, capsys):
+    pred, gt = sod_dirs
+    (pred / "b.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(SystemExit):
+        main(["sod", "--pred", str(pred), "--gt", str(gt)])
+    assert "b.png" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit):
+        main(["sod", "--pred", str(tmp_path / "empty"), "--gt", str(gt)])
+    assert "no mask images" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sod", "--pred", str(tmp_path / "nowhere"), "--gt", str(gt)])
+    assert "nowhere" in capsys.readouterr().err
+
+
+def test_cosod_conventions(tmp_path):
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    for name in ("1", "2", "3"):
+        write(gt / "apple", name, square())
+        write(pred / "apple", name, square())
+    write(gt / "pear", "1", square())
+    write(pred / "pear", "1", np.zeros((40, 40), np.uint8))
+    by_image = main(["cosod", "--pred", str(pred), "--gt", str(gt)])
+    by_group = main(["cosod", "--pred", str(pred), "--gt", str(gt), "--convention", "group"])
+    assert by_image["convention"] == "image" and by_group["convention"] == "group"
+    assert by_image["num_groups"] == by_group["num_groups"] == 2
+    assert by_image["MAE"] == pytest.approx(0.25 / 4)
+    assert by_group["MAE"] == pytest.approx(0.25 / 2)
+
+
+def test_cosod_missing_names_include_group(tmp_path, capsys):
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    write(gt / "apple", "1", square())
+    write(gt / "apple", "2", square())
+    write(pred / "apple", "1", square())
+    with pytest.raises(SystemExit):
+        main(["cosod", "--pred", str(pred), "--gt", str(gt)])
+    assert "apple/2" in capsys.readouterr().err
+
+
+def test_sis_cli(tmp_path):
+    mask = square().astype(bool)
+    gt = {
+        "images": [{"id": 3, "file_name": "x.png", "height": 40, "width": 40}],
+        "annotations": [{"id": 1, "image_id": 3, "category_id": 1, "segmentation": encode_mask(mask)}],
+        "categories": [{"id": 1, "name": "salient"}],
+    }
+    results = [{"image_id": 3, "segmentation": encode_mask(mask), "score": 0.7}]
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "res.json").write_text(json.dumps(results))
+    out = main(["sis", "--pred", str(tmp_path / "res.json"), "--gt", str(tmp_path / "gt.json")])
+    assert out == pytest.approx(dict.fromkeys(SIS_METRICS, 1.0))
+
+
+def test_sis_cli_malformed_json(tmp_path, capsys):
+    (tmp_path / "gt.json").write_text('{"images": []')
+    (tmp_path / "res.json").write_text("[]")
+    with pytest.raises(SystemExit):
+        main(["sis", "--pred", str(tmp_path / "res.json"), "--gt", str(tmp_path / "gt.json")])
+    assert "gt.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_module_entry_point_and_worker_processes(tmp_path):
+    """Runs as `python -m`; with enough files it scores in 2 processes and must agree with one process."""
+    rng = np.random.default_rng(0)
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    for i in range(64):
+        write(gt, f"{i:03d}", square(size=32, lo=4 + i % 8, hi=24))
+        write(pred, f"{i:03d}", rng.integers(0, 256, (32, 32), dtype=np.uint8))
+    serial = main(["sod", "--pred", str(pred), "--gt", str(gt), "--workers", "1", "--no_progress"])
+    cmd = [sys.executable, "-m", "cgpo_trl.eval", "sod", "--pred", str(pred), "--gt", str(gt)]
+    cmd += ["--workers", "2", "--json", str(tmp_path / "p.json")]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    assert json.loads((tmp_path / "p.json").read_text()) == serial
