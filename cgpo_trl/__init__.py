@@ -17,7 +17,13 @@ _LAZY = {
     "register_confidence_estimator": ".confidence",
 }
 
-__all__ = list(_LAZY)
+__all__ = [
+    "CGPOConfig",
+    "CGPOTrainer",
+    "get_confidence_estimator",
+    "list_confidence_estimators",
+    "register_confidence_estimator",
+]
 
 
 def __getattr__(name: str):

@@ -1,0 +1,278 @@
+"""Confidence estimators, calibration and the CGPO advantage.
+
+CGPO replaces GRPO's group-normalised advantage by the gap between a completion's reward ``r`` (in [0, 1]) and the
+model's confidence ``c``. Two levels are implemented:
+
+* ``sequence`` — the paper's literal form: one ``c(y)`` per completion from the sampled tokens' own log-probs
+  (``geo_mean``, ``arith_mean``, ``min_prob``), ``A = r - c(y)``. Because ``c(y)`` depends on the sample it
+  multiplies, ``E[c(y) grad log p(y)] != 0``: it is not a baseline but an extra, entropy-raising gradient term
+  (docs/cgpo_algebra.md). Kept available and documented as the paper's form.
+* ``token`` — a baseline ``b_t`` per completion token computed from the policy's distribution at position t
+  *before* the token is sampled (``max_prob = max_v p(v|y<t)``, ``self_agreement = sum_v p(v|y<t)^2``,
+  ``neg_entropy = exp(-H_t)``), ``A_t = r - b_t``. ``b_t`` depends only on ``y<t``, so ``E_{y_t}[b_t grad log
+  p(y_t|y<t)] = 0``: the policy gradient stays unbiased.
+
+Every quantity is computed from tensors the training step already has (no extra forward pass).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+LEVELS = ("sequence", "token")
+CALIBRATIONS = ("none", "batch", "online")
+SPANS = ("completion", "answer")
+
+# Per-token statistics of the next-token distribution an estimator can ask for. `log_sum_sq_probs` and `entropy`
+# come free with TRL's fused LM head; `max_logprob` costs one extra (no-grad) LM-head projection of the completion
+# positions' hidden states — still no extra forward pass through the model.
+TOKEN_STATS = ("entropy", "log_sum_sq_probs", "max_logprob")
+
+
+@dataclass
+class ConfidenceInputs:
+    """What an estimator sees for a batch of completions; all tensors are detached and shaped (B, T)."""
+
+    logps: torch.Tensor
+    mask: torch.Tensor
+    entropy: torch.Tensor | None = None
+    log_sum_sq_probs: torch.Tensor | None = None
+    max_logprob: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class ConfidenceEstimator:
+    name: str
+    level: str
+    fn: Callable[[ConfidenceInputs], torch.Tensor]
+    requires: tuple[str, ...] = ()
+
+
+_REGISTRY: dict[tuple[str, str], ConfidenceEstimator] = {}
+
+
+def register_confidence_estimator(name: str, level: str, requires: tuple[str, ...] = ()):
+    """Register ``fn(inputs: ConfidenceInputs) -> Tensor`` ((B,) for ``sequence``, (B, T) for ``token``)."""
+    if level not in LEVELS:
+        raise ValueError(f"confidence level {level!r} is not one of {LEVELS}")
+    unknown = set(requires) - set(TOKEN_STATS)
+    if unknown:
+        raise ValueError(f"estimator {name!r} requires unknown statistics {sorted(unknown)}; known: {TOKEN_STATS}")
+
+    def decorator(fn):
+        _REGISTRY[(level, name)] = ConfidenceEstimator(name=name, level=level, fn=fn, requires=tuple(requires))
+        return fn
+
+    return decorator
+
+
+def list_confidence_estimators(level: str | None = None) -> list[str]:
+    return sorted(name for lvl, name in _REGISTRY if level is None or lvl == level)
+
+
+def get_confidence_estimator(confidence: str | Callable, level: str) -> ConfidenceEstimator:
+    """Resolve a registry name or a callable into an estimator for ``level``."""
+    if level not in LEVELS:
+        raise ValueError(f"confidence_level={level!r} is not one of {LEVELS}")
+    if callable(confidence):
+        requires = tuple(getattr(confidence, "requires", ())) or (
+            ("log_sum_sq_probs", "entropy") if level == "token" else ()
+        )
+        return ConfidenceEstimator(getattr(confidence, "__name__", "custom"), level, confidence, requires)
+    if (level, confidence) not in _REGISTRY:
+        raise ValueError(
+            f"confidence={confidence!r} is not a {level}-level estimator; choose one of "
+            f"{list_confidence_estimators(level)} (or pass a callable)"
+        )
+    return _REGISTRY[(level, confidence)]
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+
+
+@register_confidence_estimator("geo_mean", "sequence")
+def _geo_mean(inputs: ConfidenceInputs) -> torch.Tensor:
+    """exp of the mean token log-prob: the geometric mean of the sampled tokens' probabilities."""
+    return torch.exp(_masked_mean(inputs.logps, inputs.mask))
+
+
+@register_confidence_estimator("arith_mean", "sequence")
+def _arith_mean(inputs: ConfidenceInputs) -> torch.Tensor:
+    return _masked_mean(torch.exp(inputs.logps), inputs.mask)
+
+
+@register_confidence_estimator("min_prob", "sequence")
+def _min_prob(inputs: ConfidenceInputs) -> torch.Tensor:
+    probs = torch.exp(inputs.logps).masked_fill(inputs.mask == 0, math.inf).amin(-1)
+    return torch.where(torch.isinf(probs), torch.zeros_like(probs), probs)
+
+
+@register_confidence_estimator("none", "sequence")
+def _no_confidence(inputs: ConfidenceInputs) -> torch.Tensor:
+    """c = 0: with ``confidence_calibration="batch"`` this is the batch-mean-reward baseline (the control)."""
+    return torch.zeros(inputs.logps.size(0), device=inputs.logps.device)
+
+
+@register_confidence_estimator("max_prob", "token", requires=("max_logprob",))
+def _max_prob(inputs: ConfidenceInputs) -> torch.Tensor:
+    return torch.exp(inputs.max_logprob)
+
+
+@register_confidence_estimator("self_agreement", "token", requires=("log_sum_sq_probs",))
+def _self_agreement(inputs: ConfidenceInputs) -> torch.Tensor:
+    """sum_v p(v|y<t)^2: the probability that two independent samples at position t agree."""
+    return torch.exp(inputs.log_sum_sq_probs)
+
+
+@register_confidence_estimator("neg_entropy", "token", requires=("entropy",))
+def _neg_entropy(inputs: ConfidenceInputs) -> torch.Tensor:
+    """exp(-H_t): one over the perplexity of the next-token distribution."""
+    return torch.exp(-inputs.entropy)
+
+
+def span_mask_from_text(pieces: list[str], open_marker: str, close_marker: str) -> list[int]:
+    """1 for tokens whose text lies strictly inside the first ``open_marker … close_marker`` pair, else 0.
+
+    ``pieces`` are the decoded tokens of one completion. Without an opening marker every token counts (the answer
+    span is "when present"); an opening marker without a closing one extends the span to the end.
+    """
+    text = "".join(pieces)
+    start = text.find(open_marker)
+    if start < 0:
+        return [1] * len(pieces)
+    start += len(open_marker)
+    end = text.find(close_marker, start)
+    end = len(text) if end < 0 else end
+    mask, pos = [], 0
+    for piece in pieces:
+        piece_start, pos = pos, pos + len(piece)
+        mask.append(int(pos > start and piece_start < end))
+    return mask
+
+
+def scale_rewards(rewards_per_func: torch.Tensor, weights: torch.Tensor, scaling: str) -> torch.Tensor:
+    """Weighted reward per completion; ``weight_sum`` divides by the weights of the functions that scored it.
+
+    A function that returned None (NaN) for a completion is left out of both sums, so ``r`` stays in [0, 1] when
+    every function does. A completion no function scored gets NaN.
+    """
+    present = ~torch.isnan(rewards_per_func)
+    weighted = (torch.nan_to_num(rewards_per_func) * weights).sum(-1)
+    if scaling == "weight_sum":
+        norm = (present.float() * weights).sum(-1)
+        weighted = weighted / norm.where(norm != 0, torch.ones_like(norm))
+    elif scaling != "none":
+        raise ValueError(f"reward_scaling={scaling!r} is not one of ('weight_sum', 'none')")
+    return weighted.masked_fill(~present.any(-1), math.nan)
+
+
+@dataclass
+class OnlineCalibrator:
+    """Monotone map g: confidence -> expected reward, refitted on a sliding window of recent (c, r) pairs.
+
+    g(c) = sigmoid(a * logit(c) + b) with a >= 0 (Platt scaling with soft targets, fitted by Newton's method in
+    float64). The window holds pairs gathered from every process, so every process fits the same map. Before
+    ``min_pairs`` pairs exist, g is the window's mean reward (a constant baseline; 0 with an empty window).
+    """
+
+    window: int = 2048
+    min_pairs: int = 64
+    confidences: list[float] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)
+    a: float | None = None
+    b: float | None = None
+
+    def __call__(self, c: torch.Tensor) -> torch.Tensor:
+        if self.a is None:
+            mean = float(np.mean(self.rewards)) if self.rewards else 0.0
+            return torch.full_like(c, mean)
+        return torch.sigmoid(self.a * torch.logit(c.clamp(1e-4, 1 - 1e-4)) + self.b)
+
+    def update(self, c: torch.Tensor, r: torch.Tensor) -> None:
+        keep = ~(torch.isnan(c) | torch.isnan(r))
+        self.confidences.extend(c[keep].tolist())
+        self.rewards.extend(r[keep].tolist())
+        del self.confidences[: -self.window], self.rewards[: -self.window]
+        if len(self.rewards) >= self.min_pairs:
+            self.a, self.b = _fit_platt(np.asarray(self.confidences), np.asarray(self.rewards))
+
+    def state_dict(self) -> dict:
+        return {
+            "window": self.window,
+            "min_pairs": self.min_pairs,
+            "confidences": self.confidences,
+            "rewards": self.rewards,
+            "a": self.a,
+            "b": self.b,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("window", "min_pairs", "confidences", "rewards", "a", "b"):
+            setattr(self, key, state[key])
+
+
+def _fit_platt(c: np.ndarray, r: np.ndarray, steps: int = 25, l2: float = 1e-3) -> tuple[float, float]:
+    x = np.log(np.clip(c, 1e-4, 1 - 1e-4)) - np.log1p(-np.clip(c, 1e-4, 1 - 1e-4))
+    r = np.clip(r, 0.0, 1.0)
+    features = np.stack([x, np.ones_like(x)], axis=1)
+    w = np.array([1.0, 0.0])
+    for _ in range(steps):
+        p = 1.0 / (1.0 + np.exp(-(features @ w)))
+        grad = features.T @ (p - r) / len(r) + l2 * w
+        hess = (features * (p * (1 - p))[:, None]).T @ features / len(r) + l2 * np.eye(2)
+        w = w - np.linalg.solve(hess, grad)
+    if w[0] < 0:  # keep g monotone: the best non-increasing fit is the constant mean
+        mean = float(np.clip(r.mean(), 1e-4, 1 - 1e-4))
+        return 0.0, math.log(mean / (1 - mean))
+    return float(w[0]), float(w[1])
+
+
+def expected_calibration_error(c: torch.Tensor, r: torch.Tensor, bins: int = 10) -> float:
+    """ECE of confidence against reward: sum over equal-width bins of |mean c - mean r| weighted by bin mass."""
+    keep = ~(torch.isnan(c) | torch.isnan(r))
+    c, r = c[keep].double(), r[keep].double()
+    if c.numel() == 0:
+        return math.nan
+    index = (c.clamp(0, 1) * bins).long().clamp(max=bins - 1)
+    ece = 0.0
+    for b in index.unique():
+        sel = index == b
+        ece += sel.double().mean().item() * abs(c[sel].mean().item() - r[sel].mean().item())
+    return ece
+
+
+def cgpo_advantages(
+    rewards: torch.Tensor,
+    confidence: torch.Tensor,
+    calibration: str,
+    calibrator: OnlineCalibrator | None = None,
+    batch_gap_mean: torch.Tensor | None = None,
+    clip: float | None = None,
+) -> torch.Tensor:
+    """A = r - c for (B,) sequence confidences, A_t = r - b_t for (B, T) token baselines.
+
+    ``calibration``: ``none`` uses c as is; ``online`` replaces c by ``calibrator(c)``; ``batch`` subtracts
+    ``batch_gap_mean``, the mean of (r - c) over the global batch (per completion, with token baselines averaged
+    over each completion's tokens). Completions with a NaN reward (no reward function scored them) get A = 0.
+    """
+    if calibration == "online":
+        if calibrator is None:
+            raise ValueError("confidence_calibration='online' needs an OnlineCalibrator")
+        confidence = calibrator(confidence)
+    r = rewards if confidence.dim() == 1 else rewards.unsqueeze(1)
+    advantages = r - confidence
+    if calibration == "batch":
+        if batch_gap_mean is None:
+            raise ValueError("confidence_calibration='batch' needs the global batch mean of r - c")
+        advantages = advantages - batch_gap_mean
+    elif calibration not in CALIBRATIONS:
+        raise ValueError(f"confidence_calibration={calibration!r} is not one of {CALIBRATIONS}")
+    if clip is not None:
+        advantages = advantages.clamp(-clip, clip)
+    return torch.nan_to_num(advantages, nan=0.0)
