@@ -123,3 +123,106 @@ def test_backend_output_of_wrong_shape_is_caught():
 
     with pytest.raises(RuntimeError, match=r"returned a \(2, 2\) mask for a 20x16 image"):
         Broken().segment([_image()], ["left"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# shapes backend, on scenes drawn here with skimage.draw like the synthetic world
+
+
+def _vertices(n, radius, angle, inner=None):
+    theta = angle + np.arange(n) * (2 * np.pi / n)
+    radii = np.full(n, float(radius))
+    if inner is not None:
+        radii[1::2] = radius * inner
+    return -radii * np.cos(theta), radii * np.sin(theta)
+
+
+def _draw_scene(objects, size=96, seed=0):
+    """objects: (colour, shape, (row, col), radius, angle). Returns the PIL image and one bool mask per object."""
+    from skimage.draw import disk, polygon
+
+    from cgpo_trl.saliency.vocabulary import COLOURS
+
+    rng = np.random.default_rng(seed)
+    grey = 130 + 25 * rng.standard_normal((size, size))
+    image = np.clip(np.repeat(grey[..., None], 3, axis=-1) + rng.uniform(-6, 6, 3), 60, 200)
+    masks = []
+    for colour, shape, (cy, cx), radius, angle in objects:
+        if shape == "circle":
+            rows, cols = disk((cy, cx), radius, shape=(size, size))
+        else:
+            n, inner = {"square": (4, None), "triangle": (3, None), "star": (10, 0.5)}[shape]
+            dy, dx = _vertices(n, radius, angle, inner)
+            rows, cols = polygon(cy + dy, cx + dx, shape=(size, size))
+        image[rows, cols] = COLOURS[colour]
+        mask = np.zeros((size, size), bool)
+        mask[rows, cols] = True
+        masks.append(mask)
+    return Image.fromarray(image.round().astype(np.uint8)), masks
+
+
+SCENE = [
+    ("red", "circle", (20, 20), 9, 0.0),
+    ("red", "square", (20, 60), 10, 0.3),
+    ("blue", "triangle", (60, 20), 11, 1.1),
+    ("blue", "star", (62, 62), 12, 0.2),
+    ("red", "circle", (80, 85), 5, 0.0),
+]
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    return load_segmenter("shapes", cache_size=None)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("shape", ["circle", "square", "triangle", "star"])
+def test_shapes_is_exact_on_rotated_shapes_of_any_size(shapes, shape, seed):
+    rng = np.random.default_rng(seed)
+    radius = float(rng.uniform(4.5, 30))
+    size = int(2 * radius + 12)
+    centre = tuple(size / 2 + rng.uniform(-1, 1, 2))
+    image, [mask] = _draw_scene([("green", shape, centre, radius, rng.uniform(0, 2 * np.pi))], size=size, seed=seed)
+    [(got, score)] = shapes.segment([image], [f"the green {shape}"])
+    assert score == 1.0 and got.dtype == np.float32
+    np.testing.assert_array_equal(got > 0.5, mask)
+
+
+def test_shapes_region_mode_is_the_union_of_matching_components(shapes):
+    image, masks = _draw_scene(SCENE)
+    expressions = ["the red circle", "the blue star", "the red objects", "the large red circle", "the small circles"]
+    results = shapes.segment([image] * len(expressions), expressions)
+    expected = [masks[0] | masks[4], masks[3], masks[0] | masks[1] | masks[4], masks[0], masks[4]]
+    for (got, score), want, expression in zip(results, expected, expressions):
+        assert score == 1.0, expression
+        np.testing.assert_array_equal(got > 0.5, want, err_msg=expression)
+
+
+def test_shapes_instance_mode_gives_one_mask_per_component(shapes):
+    image, masks = _draw_scene(SCENE)
+    [red, blue_square] = shapes.segment([image, image], ["the red shapes", "the blue square"], mode="instance")
+    assert blue_square == []
+    got = sorted((m > 0.5 for m, _ in red), key=lambda m: np.argwhere(m)[0].tolist())
+    want = sorted([masks[0], masks[1], masks[4]], key=lambda m: np.argwhere(m)[0].tolist())
+    assert [s for _, s in red] == [1.0, 1.0, 1.0]
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize("expression", ["the dog", "", "a green triangle", "the cyan circle"])
+def test_shapes_unknown_or_absent_objects_give_an_empty_mask_and_zero_score(shapes, expression):
+    image, _ = _draw_scene(SCENE)
+    [(mask, score)] = shapes.segment([image], [expression])
+    assert score == 0.0 and not mask.any()
+    assert shapes.segment([image], [expression], mode="instance") == [[]]
+
+
+def test_shapes_size_words_keep_everything_when_sizes_are_alike(shapes):
+    image, masks = _draw_scene([("pink", "square", (20, 20), 10, 0.1), ("pink", "square", (20, 60), 10.5, 0.7)])
+    [(mask, _)] = shapes.segment([image], ["the large pink squares"])
+    np.testing.assert_array_equal(mask > 0.5, masks[0] | masks[1])
+
+
+def test_shapes_rejects_bad_options():
+    with pytest.raises(ValueError, match="colour_tolerance"):
+        load_segmenter("shapes", colour_tolerance=300)
