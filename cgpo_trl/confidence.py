@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from scipy.special import expit
 
 LEVELS = ("sequence", "token")
 CALIBRATIONS = ("none", "batch", "online")
@@ -223,7 +224,7 @@ def _fit_platt(c: np.ndarray, r: np.ndarray, steps: int = 25, l2: float = 1e-3) 
     features = np.stack([x, np.ones_like(x)], axis=1)
     w = np.array([1.0, 0.0])
     for _ in range(steps):
-        p = 1.0 / (1.0 + np.exp(-(features @ w)))
+        p = expit(features @ w)
         grad = features.T @ (p - r) / len(r) + l2 * w
         hess = (features * (p * (1 - p))[:, None]).T @ features / len(r) + l2 * np.eye(2)
         w = w - np.linalg.solve(hess, grad)

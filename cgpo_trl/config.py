@@ -9,6 +9,8 @@ from trl import GRPOConfig
 
 from .confidence import CALIBRATIONS, LEVELS, SPANS, get_confidence_estimator
 
+DEFAULT_ESTIMATOR = {"token": "self_agreement", "sequence": "geo_mean"}
+
 
 class _SingleSample(int):
     """`1` that passes `GRPOConfig`'s `num_generations < 2` check, used only while the parent validates.
@@ -35,9 +37,10 @@ class CGPOConfig(GRPOConfig):
             `"sequence"`: one confidence `c(y)` per completion from the sampled tokens' own probabilities (the paper's
             literal form). `"token"`: a baseline `b_t` per completion token from the policy's distribution at that
             position before sampling, `A_t = r - b_t` (unbiased).
-        confidence (`str` or callable, defaults to `"self_agreement"`):
+        confidence (`str`, callable or `None`, defaults to `None`):
             Registry name (`"geo_mean"`, `"arith_mean"`, `"min_prob"`, `"none"` for `"sequence"`; `"max_prob"`,
             `"self_agreement"`, `"neg_entropy"` for `"token"`) or a callable `fn(ConfidenceInputs) -> Tensor`.
+            `None` picks the level's default: `"self_agreement"` (token) or `"geo_mean"` (sequence).
         confidence_span (`str`, defaults to `"completion"`):
             Tokens a sequence confidence is computed over: `"completion"` (all) or `"answer"` (only those between
             `answer_markers`, when present). Token baselines already condition on each position, so `"answer"`
@@ -69,9 +72,12 @@ class CGPOConfig(GRPOConfig):
             "choices": list(LEVELS),
         },
     )
-    confidence: str | Callable = field(
-        default="self_agreement",
-        metadata={"help": "Confidence estimator: registry name for the chosen level, or a callable."},
+    confidence: str | Callable | None = field(
+        default=None,
+        metadata={
+            "help": "Confidence estimator: registry name for the chosen level, or a callable. Default: "
+            "`self_agreement` for `token`, `geo_mean` for `sequence`."
+        },
     )
     confidence_span: str = field(
         default="completion",
@@ -112,6 +118,8 @@ class CGPOConfig(GRPOConfig):
                 self.num_generations = 1
         if self.num_generations_eval is not None and self.num_generations_eval < 1:
             raise ValueError(f"num_generations_eval must be >= 1, got {self.num_generations_eval}")
+        if self.confidence is None:
+            self.confidence = DEFAULT_ESTIMATOR.get(self.confidence_level, "self_agreement")
         get_confidence_estimator(self.confidence, self.confidence_level)  # fails early on a bad name
         if self.confidence_span not in SPANS:
             raise ValueError(f"confidence_span={self.confidence_span!r} is not one of {SPANS}")

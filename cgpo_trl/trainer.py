@@ -275,8 +275,13 @@ class CGPOTrainer(GRPOTrainer):
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
-        path = os.path.join(checkpoint, STATE_FILE) if checkpoint is not None else None
-        if path is None or not os.path.exists(path):
+        if checkpoint is not None:
+            self._load_cgpo_state(checkpoint)
+
+    def _load_cgpo_state(self, checkpoint: str) -> None:
+        """Restore the online calibration and the entropy reference saved next to a checkpoint."""
+        path = os.path.join(checkpoint, STATE_FILE)
+        if not os.path.exists(path):
             return
         with open(path) as f:
             state = json.load(f)

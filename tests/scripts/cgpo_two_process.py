@@ -1,0 +1,49 @@
+"""Worker for tests/test_multiprocess.py: a few CGPO steps under torchrun; each rank dumps what it saw."""
+
+import json
+import os
+import sys
+
+import torch.distributed as dist
+from datasets import Dataset
+
+from cgpo_trl import CGPOConfig, CGPOTrainer
+from cgpo_trl.testing import build_tiny_lm
+
+
+def length_reward(completions, **kwargs):
+    return [min(len(c) / 30.0, 1.0) for c in completions]
+
+
+def main(out_dir: str) -> None:
+    model, tokenizer = build_tiny_lm(seed=0)
+    args = CGPOConfig(
+        output_dir=os.path.join(out_dir, "run"),
+        use_cpu=True,
+        bf16=False,
+        per_device_train_batch_size=4,
+        max_completion_length=8,
+        max_steps=3,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        confidence_calibration="online",
+        calibration_min_pairs=4,
+    )
+    dataset = Dataset.from_dict({"prompt": [f"What is {i} + {i}?" for i in range(32)]})
+    trainer = CGPOTrainer(model, [length_reward], args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer.train()
+    rank = trainer.accelerator.process_index
+    record = {
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        "num_processes": trainer.accelerator.num_processes,
+        "calibrator": trainer.calibrator.state_dict(),
+        "rewards": [h["cgpo/reward"] for h in trainer.state.log_history if "cgpo/reward" in h],
+    }
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(record, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

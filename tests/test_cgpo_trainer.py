@@ -1,0 +1,256 @@
+"""CGPOTrainer end to end on tiny offline models: training, advantages, forward-pass count, resume, LoRA."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from PIL import Image
+from transformers import AutoTokenizer
+from trl import GRPOConfig, GRPOTrainer
+
+from cgpo_trl import CGPOConfig, CGPOTrainer
+from cgpo_trl.testing import build_tiny_lm, build_tiny_vlm, save_tiny_lm
+
+
+def length_reward(completions, **kwargs):
+    """In [0, 1]: longer completions score higher (enough signal for a few steps)."""
+    texts = [c if isinstance(c, str) else c[0]["content"] for c in completions]
+    return [min(len(t) / 30.0, 1.0) for t in texts]
+
+
+def has_digit_reward(completions, **kwargs):
+    texts = [c if isinstance(c, str) else c[0]["content"] for c in completions]
+    return [float(any(ch.isdigit() for ch in t)) for t in texts]
+
+
+def text_dataset(n=16):
+    return Dataset.from_dict({"prompt": [f"What is {i} + {i}?" for i in range(n)]})
+
+
+def image_dataset(n=8):
+    rng = np.random.default_rng(0)
+    images = [[Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8))] for _ in range(n)]
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Find the salient object."}]}]
+    return Dataset.from_dict({"prompt": [prompt] * n, "images": images})
+
+
+def make_args(tmp_path, **overrides):
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        bf16=False,
+        per_device_train_batch_size=4,
+        max_completion_length=8,
+        max_steps=3,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        seed=0,
+    )
+    base.update(overrides)
+    return base
+
+
+class RecordingCGPOTrainer(CGPOTrainer):
+    """Keeps the advantages and rewards each loss step used."""
+
+    def _compute_loss(self, model, inputs):
+        loss = super()._compute_loss(model, inputs)
+        self.__dict__.setdefault("seen", []).append(
+            (inputs["advantages"].detach().clone(), inputs["cgpo_rewards"].clone(), inputs["completion_mask"].clone())
+        )
+        return loss
+
+
+def assert_trains(trainer, model):
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.train()
+    changed = [n for n, p in model.named_parameters() if not torch.equal(before[n], p)]
+    assert len(changed) == len(before), f"unchanged: {sorted(set(before) - set(changed))[:5]}"
+    logs = [h for h in trainer.state.log_history if "cgpo/reward" in h]
+    assert len(logs) == 3
+    for key in ("cgpo/confidence", "cgpo/advantage_mean", "cgpo/abs_gap", "cgpo/ece", "cgpo/entropy_ratio", "entropy"):
+        assert all(math.isfinite(h[key]) for h in logs), key
+    assert "frac_reward_zero_std" not in logs[0]  # meaningless with one sample per prompt
+
+
+@pytest.mark.parametrize(
+    "level,confidence,calibration",
+    [("token", "self_agreement", "batch"), ("token", "max_prob", "online"), ("sequence", "geo_mean", "none")],
+)
+def test_three_steps_tiny_lm(tmp_path, level, confidence, calibration):
+    model, tokenizer = build_tiny_lm()
+    args = CGPOConfig(
+        **make_args(tmp_path),
+        confidence_level=level,
+        confidence=confidence,
+        confidence_calibration=calibration,
+        calibration_min_pairs=4,
+    )
+    trainer = CGPOTrainer(model, [length_reward], args=args, train_dataset=text_dataset(), processing_class=tokenizer)
+    assert trainer.num_generations == 1
+    assert_trains(trainer, model)
+
+
+def test_three_steps_tiny_vlm(tmp_path):
+    model, processor = build_tiny_vlm()
+    args = CGPOConfig(**make_args(tmp_path, per_device_train_batch_size=2))
+    trainer = CGPOTrainer(model, [length_reward], args=args, train_dataset=image_dataset(), processing_class=processor)
+    assert trainer._is_vlm
+    assert_trains(trainer, model)
+
+
+def test_sequence_answer_span_on_vlm(tmp_path):
+    model, processor = build_tiny_vlm()
+    args = CGPOConfig(
+        **make_args(tmp_path, per_device_train_batch_size=2, max_steps=1),
+        confidence_level="sequence",
+        confidence="arith_mean",
+        confidence_span="answer",
+    )
+    trainer = RecordingCGPOTrainer(
+        model, [length_reward], args=args, train_dataset=image_dataset(), processing_class=processor
+    )
+    trainer.train()
+    advantages, rewards, _ = trainer.seen[0]
+    assert advantages.shape == rewards.shape  # one advantage per completion
+
+
+def test_lora_three_steps(tmp_path):
+    from peft import LoraConfig
+
+    model, tokenizer = build_tiny_lm()
+    args = CGPOConfig(**make_args(tmp_path), confidence="max_prob")
+    trainer = CGPOTrainer(
+        model,
+        [length_reward],
+        args=args,
+        train_dataset=text_dataset(),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    lora = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
+    trainer.train()
+    assert lora and all(not torch.equal(lora[n], p) for n, p in trainer.model.named_parameters() if n in lora)
+    assert all(math.isfinite(h["cgpo/confidence"]) for h in trainer.state.log_history if "cgpo/confidence" in h)
+
+
+def test_independent_samples_are_not_group_normalised(tmp_path):
+    """num_generations=4, c = 0 and no calibration: the advantage is exactly the scaled reward."""
+    model, tokenizer = build_tiny_lm()
+    args = CGPOConfig(
+        **make_args(tmp_path, per_device_train_batch_size=8, max_steps=2),
+        num_generations=4,
+        confidence_level="sequence",
+        confidence="none",
+        confidence_calibration="none",
+        reward_weights=[1.0, 3.0],
+    )
+    trainer = RecordingCGPOTrainer(
+        model, [length_reward, has_digit_reward], args=args, train_dataset=text_dataset(), processing_class=tokenizer
+    )
+    trainer.train()
+    for advantages, rewards, _ in trainer.seen:
+        torch.testing.assert_close(advantages, rewards)
+        assert ((rewards >= 0) & (rewards <= 1)).all()  # weight_sum scaling keeps r in [0, 1]
+    assert any(a.std() > 0 for a, _, _ in trainer.seen)
+
+
+def test_token_advantages_are_masked_and_token_shaped(tmp_path):
+    model, tokenizer = build_tiny_lm()
+    args = CGPOConfig(**make_args(tmp_path, max_steps=1), confidence_calibration="none")
+    trainer = RecordingCGPOTrainer(
+        model, [length_reward], args=args, train_dataset=text_dataset(), processing_class=tokenizer
+    )
+    trainer.train()
+    advantages, rewards, mask = trainer.seen[0]
+    assert advantages.shape == mask.shape
+    assert (advantages[mask == 0] == 0).all()
+    # A_t = r - b_t with b_t = sum_v p^2 in (0, 1]: below the reward, above r - 1
+    valid = mask.bool()
+    expanded = rewards.unsqueeze(1).expand_as(advantages)
+    assert (advantages[valid] < expanded[valid]).all() and (advantages[valid] >= expanded[valid] - 1).all()
+
+
+def count_forwards(trainer):
+    """Calls of the policy and of the reference model, split into scoring passes and generation steps."""
+    counts = {"scoring": 0, "total": 0, "reference": 0}
+
+    def hook(module, args, kwargs):
+        counts["total"] += 1
+        counts["scoring"] += int(bool(kwargs.get("fused_lm_head")))
+
+    def ref_hook(module, args, kwargs):
+        counts["reference"] += 1
+
+    handles = [trainer.model.register_forward_pre_hook(hook, with_kwargs=True)]
+    if trainer.ref_model is not None:
+        handles.append(trainer.ref_model.register_forward_pre_hook(ref_hook, with_kwargs=True))
+    trainer.train()
+    for handle in handles:
+        handle.remove()
+    return counts
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_cgpo_step_runs_no_extra_forward_pass(tmp_path, beta):
+    """Same completions per step, same fixed length: CGPO makes exactly GRPO's model calls."""
+    common = make_args(tmp_path, max_steps=2, beta=beta, generation_kwargs={"min_new_tokens": 8})
+    checkpoint = save_tiny_lm(tmp_path / "tiny-lm")
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    counts = {}
+    for name, config in {
+        "grpo": GRPOConfig(**common, num_generations=2),
+        "cgpo_token_max_prob": CGPOConfig(**common, confidence="max_prob", confidence_calibration="online"),
+        "cgpo_token_self_agreement": CGPOConfig(**common),
+        "cgpo_sequence": CGPOConfig(**common, confidence_level="sequence", confidence_span="answer"),
+    }.items():
+        cls = GRPOTrainer if name == "grpo" else CGPOTrainer
+        trainer = cls(
+            checkpoint, [length_reward], args=config, train_dataset=text_dataset(), processing_class=tokenizer
+        )
+        counts[name] = count_forwards(trainer)
+    # 2 steps: one scoring pass each (the loss); generation makes 8 new tokens + prefill per step
+    assert counts["grpo"]["scoring"] == 2 and counts["grpo"]["total"] == 2 + 2 * 8
+    assert counts["grpo"]["reference"] == (2 if beta else 0)
+    for name, count in counts.items():
+        assert count == counts["grpo"], (name, counts)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="num_generations must be >= 1"):
+        CGPOConfig(output_dir="x", use_cpu=True, bf16=False, num_generations=0)
+    with pytest.raises(ValueError, match="applies to confidence_level='sequence'"):
+        CGPOConfig(output_dir="x", use_cpu=True, bf16=False, confidence_span="answer")
+    with pytest.raises(ValueError, match="confidence_calibration"):
+        CGPOConfig(output_dir="x", use_cpu=True, bf16=False, confidence_calibration="sometimes")
+    with pytest.raises(ValueError, match="generation_batch_size"):  # GRPO's own checks still run
+        CGPOConfig(output_dir="x", use_cpu=True, bf16=False, num_generations=3, per_device_train_batch_size=4)
+    with pytest.raises(TypeError, match="CGPOConfig"):
+        model, tokenizer = build_tiny_lm()
+        CGPOTrainer(model, [length_reward], args=GRPOConfig(output_dir="x", use_cpu=True, bf16=False))
+
+
+def test_resume_restores_calibration_state(tmp_path):
+    model, tokenizer = build_tiny_lm()
+    kwargs = make_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
+    args = CGPOConfig(**kwargs, confidence_calibration="online", calibration_min_pairs=4)
+    trainer = CGPOTrainer(model, [length_reward], args=args, train_dataset=text_dataset(), processing_class=tokenizer)
+    trainer.train()
+    checkpoint = os.path.join(args.output_dir, "checkpoint-2")
+    with open(os.path.join(checkpoint, "cgpo_state.json")) as f:
+        saved = json.load(f)["calibrator"]
+    assert len(saved["rewards"]) == 8 and saved["a"] is not None
+
+    model, tokenizer = build_tiny_lm()
+    resumed = CGPOTrainer(model, [length_reward], args=args, train_dataset=text_dataset(), processing_class=tokenizer)
+    resumed._load_cgpo_state(checkpoint)
+    assert resumed.calibrator.state_dict() == saved
+    resumed.train(resume_from_checkpoint=checkpoint)
+    assert resumed.state.global_step == 4
+    assert resumed.calibrator.rewards[:8] == saved["rewards"] and len(resumed.calibrator.rewards) == 16

@@ -1,0 +1,142 @@
+"""Confidence estimators, reward scaling, calibration and advantages on hand-computed values."""
+
+import math
+
+import pytest
+import torch
+
+from cgpo_trl.confidence import (
+    ConfidenceInputs,
+    OnlineCalibrator,
+    cgpo_advantages,
+    expected_calibration_error,
+    get_confidence_estimator,
+    list_confidence_estimators,
+    register_confidence_estimator,
+    scale_rewards,
+    span_mask_from_text,
+)
+
+LOGPS = torch.log(torch.tensor([[0.5, 0.25, 0.9], [0.8, 0.8, 0.8]]))
+MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])  # the 0.9 of row 0 is padding
+
+
+def seq(name, logps=LOGPS, mask=MASK):
+    return get_confidence_estimator(name, "sequence").fn(ConfidenceInputs(logps=logps, mask=mask))
+
+
+def test_sequence_estimators_by_hand():
+    torch.testing.assert_close(seq("geo_mean"), torch.tensor([math.sqrt(0.5 * 0.25), 0.8]))
+    torch.testing.assert_close(seq("arith_mean"), torch.tensor([0.375, 0.8]))
+    torch.testing.assert_close(seq("min_prob"), torch.tensor([0.25, 0.8]))
+    torch.testing.assert_close(seq("none"), torch.tensor([0.0, 0.0]))
+
+
+def test_sequence_estimators_ignore_padding_and_empty_rows():
+    empty = torch.zeros_like(MASK)
+    assert seq("min_prob", mask=empty).tolist() == [0.0, 0.0]
+    assert seq("geo_mean", mask=empty).tolist() == [1.0, 1.0]  # exp(0): no tokens, no evidence; A masked anyway
+
+
+def test_token_estimators_by_hand():
+    stats = ConfidenceInputs(
+        logps=LOGPS,
+        mask=MASK,
+        entropy=torch.full((2, 3), math.log(2)),
+        log_sum_sq_probs=torch.log(torch.full((2, 3), 0.5)),
+        max_logprob=torch.log(torch.full((2, 3), 0.8)),
+    )
+    for name, value in [("neg_entropy", 0.5), ("self_agreement", 0.5), ("max_prob", 0.8)]:
+        out = get_confidence_estimator(name, "token").fn(stats)
+        torch.testing.assert_close(out, torch.full((2, 3), value))
+
+
+def test_registry_errors_and_custom_estimators():
+    assert list_confidence_estimators("token") == ["max_prob", "neg_entropy", "self_agreement"]
+    with pytest.raises(ValueError, match="not a sequence-level estimator"):
+        get_confidence_estimator("max_prob", "sequence")
+    with pytest.raises(ValueError, match="confidence_level"):
+        get_confidence_estimator("geo_mean", "word")
+    with pytest.raises(ValueError, match="unknown statistics"):
+        register_confidence_estimator("bad", "token", requires=("logits",))
+
+    def half(inputs):
+        return torch.full((inputs.logps.size(0),), 0.5)
+
+    estimator = get_confidence_estimator(half, "sequence")
+    assert estimator.name == "half" and estimator.fn(ConfidenceInputs(LOGPS, MASK)).tolist() == [0.5, 0.5]
+
+
+def test_answer_span_mask():
+    pieces = ["<think>", "x", "</think>", "<answer>", "<rg>", "red", "</rg>", "</answer>", "<|im_end|>"]
+    assert span_mask_from_text(pieces, "<answer>", "</answer>") == [0, 0, 0, 0, 1, 1, 1, 0, 0]
+    # markers split across tokens, and an unclosed answer running to the end
+    pieces = ["<ans", "wer>", "blue", " sq", "uare"]
+    assert span_mask_from_text(pieces, "<answer>", "</answer>") == [0, 0, 1, 1, 1]
+    # no answer at all: every token counts
+    assert span_mask_from_text(["a", "b"], "<answer>", "</answer>") == [1, 1]
+
+
+def test_scale_rewards_by_hand():
+    per_func = torch.tensor([[1.0, 0.5], [math.nan, 1.0], [math.nan, math.nan]])
+    weights = torch.tensor([1.0, 3.0])
+    out = scale_rewards(per_func, weights, "weight_sum")
+    assert out[:2].tolist() == [pytest.approx(2.5 / 4), 1.0] and math.isnan(out[2])
+    out = scale_rewards(per_func, weights, "none")
+    assert out[:2].tolist() == [2.5, 3.0] and math.isnan(out[2])
+    with pytest.raises(ValueError, match="reward_scaling"):
+        scale_rewards(per_func, weights, "max")
+
+
+def test_advantages_none_batch_clip_and_nan():
+    r = torch.tensor([1.0, 0.0, 0.5, math.nan])
+    c = torch.tensor([0.6, 0.2, 0.5, 0.3])
+    torch.testing.assert_close(cgpo_advantages(r, c, "none"), torch.tensor([0.4, -0.2, 0.0, 0.0]))
+    gap = torch.nanmean(r - c)  # (0.4 - 0.2 + 0.0) / 3
+    torch.testing.assert_close(
+        cgpo_advantages(r, c, "batch", batch_gap_mean=gap), torch.tensor([0.4 - gap, -0.2 - gap, -gap, 0.0])
+    )
+    torch.testing.assert_close(cgpo_advantages(r, c, "none", clip=0.1), torch.tensor([0.1, -0.1, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="batch mean"):
+        cgpo_advantages(r, c, "batch")
+
+
+def test_token_level_advantages():
+    r = torch.tensor([1.0, 0.0])
+    b = torch.tensor([[0.9, 0.5], [0.25, 0.75]])
+    torch.testing.assert_close(cgpo_advantages(r, b, "none"), torch.tensor([[0.1, 0.5], [-0.25, -0.75]]))
+
+
+def test_online_calibrator_maps_and_is_monotone():
+    cal = OnlineCalibrator(window=1000, min_pairs=10)
+    c = torch.linspace(0.05, 0.95, 200)
+    assert cal(c).eq(0.0).all()  # empty window: zero baseline
+    cal.update(c[:5], torch.ones(5))
+    assert cal.a is None and cal(c).eq(1.0).all()  # too few pairs: the mean reward
+    cal = OnlineCalibrator(window=1000, min_pairs=10)
+    cal.update(c, c.clone())  # already calibrated: g is close to identity
+    torch.testing.assert_close(cal(c), c, atol=0.03, rtol=0)
+    cal = OnlineCalibrator(window=1000, min_pairs=10)
+    cal.update(c, 1 - c)  # anti-correlated: the monotone fit is the constant mean
+    assert cal.a == 0.0
+    torch.testing.assert_close(cal(c), torch.full_like(c, 0.5), atol=1e-4, rtol=0)
+
+
+def test_online_calibrator_window_and_state_roundtrip():
+    cal = OnlineCalibrator(window=8, min_pairs=4)
+    cal.update(torch.linspace(0.1, 0.9, 12), torch.tensor([0.0, 1.0] * 6))
+    assert len(cal.confidences) == 8 and cal.confidences[0] == pytest.approx(0.1 + 4 * 0.8 / 11)
+    again = OnlineCalibrator()
+    again.load_state_dict(cal.state_dict())
+    c = torch.tensor([0.2, 0.7])
+    torch.testing.assert_close(again(c), cal(c))
+    adv = cgpo_advantages(torch.tensor([1.0, 0.0]), c, "online", calibrator=cal)
+    torch.testing.assert_close(adv, torch.tensor([1.0, 0.0]) - cal(c))
+
+
+def test_expected_calibration_error_by_hand():
+    c = torch.tensor([0.1, 0.1, 0.9, 0.9])
+    r = torch.tensor([0.0, 0.0, 1.0, 1.0])
+    assert expected_calibration_error(c, r) == pytest.approx(0.1)
+    assert expected_calibration_error(torch.tensor([0.5, 0.5]), torch.tensor([0.0, 1.0])) == pytest.approx(0.0)
+    assert math.isnan(expected_calibration_error(torch.tensor([0.5]), torch.tensor([math.nan])))
