@@ -1,0 +1,522 @@
+"""Prediction: image(s) -> generated answer -> parsed tags -> referring segmenter -> masks, COCO results, overlays.
+
+```
+python -m cgpo_trl.predict --model_name_or_path CKPT --images DIR --task sod --output_dir OUT \
+    [--segmenter evf-sam --segmenter_kwargs '{"checkpoint": "YxZhang/evf-sam2"}'] [--batch_size 8]
+```
+`--images DIR` holds one image per file (SOD, SIS) or one folder of images per group (CoSOD: `DIR/<group>/*.jpg`).
+Everything is written under `OUT` in the layout the benchmarks and `python -m cgpo_trl.eval` use:
+
+| path | what |
+|---|---|
+| `predictions.jsonl` | one record per row: names, generated text, parsed tags, parse problems, SIS detections |
+| `masks/<name>.png`, `masks/<group>/<name>.png` | SOD / CoSOD saliency maps (uint8, the segmenter's soft mask x 255) |
+| `results.json` | SIS detections as COCO results (`image_id`, `category_id` 1, RLE `segmentation`, `score`) |
+| `overlays/...png` | the image with the predicted mask(s) tinted and the expressions as a caption |
+| `gt/...`, `annotations.json` | written only when the rows carry ground truth (`masks` / `instances` columns) |
+
+A region answer (`<rg>`) is the pixel-wise max (soft union) of its expressions' masks; no expression gives an
+all-zero map. Each `<ins>` expression becomes the instance mask(s) the segmenter returns for it (empty masks are
+dropped); its score follows `instance_score`: `"segmenter"` (the segmenter's confidence) or `"order"` (emission
+order: the k-th of n expressions scores (n - k) / n, so the model's first instance ranks first).
+
+Runs are resumable: a row whose record is already in `predictions.jsonl` is skipped, and a record is appended only
+after the row's files are written.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import textwrap
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from scipy.ndimage import binary_erosion
+
+from cgpo_trl.saliency.metrics import encode_mask
+from cgpo_trl.saliency.prompts import TASKS, build_prompt
+from cgpo_trl.saliency.tags import parse_answer
+
+INSTANCE_SCORES = ("segmenter", "order")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+# Tints for overlays: region masks use the first, instances cycle through all.
+PALETTE = [(255, 40, 40), (40, 120, 255), (40, 200, 80), (255, 190, 0), (200, 60, 220), (0, 210, 210)]
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass
+class PredictConfig:
+    """Options of `python -m cgpo_trl.predict` (also the `predict` part of an eval report config)."""
+
+    model_name_or_path: str = field(default=None, metadata={"help": "Checkpoint folder or hub id (Qwen2.5-VL)."})
+    output_dir: str = field(default="predictions", metadata={"help": "Where masks, JSON and overlays go."})
+    images: str | None = field(
+        default=None, metadata={"help": "Folder of images (CoSOD: one sub-folder per group). CLI input only."}
+    )
+    task: str = field(default="sod", metadata={"help": "One of 'sod', 'sis', 'cosod' (rows may carry their own)."})
+    segmenter: str = field(default="evf-sam", metadata={"help": "Referring segmenter name (load_segmenter)."})
+    segmenter_kwargs: dict | str | None = field(
+        default=None, metadata={"help": 'Backend kwargs as JSON, e.g. \'{"checkpoint": "YxZhang/evf-sam2"}\'.'}
+    )
+    batch_size: int = field(default=8, metadata={"help": "Rows generated together (CoSOD: groups)."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Generation budget per answer."})
+    temperature: float = field(default=0.0, metadata={"help": "0 decodes greedily; > 0 samples."})
+    dtype: str = field(default="float32", metadata={"help": "Model dtype: float32, bfloat16, float16."})
+    device: str = field(default="cpu", metadata={"help": "Model device, e.g. 'cuda'."})
+    instance_score: str = field(
+        default="segmenter",
+        metadata={"help": "Score of SIS detections: 'segmenter' (its confidence) or 'order' (emission order)."},
+    )
+    overlays: bool = field(default=True, metadata={"help": "Write an overlay PNG per image."})
+    write_ground_truth: bool = field(
+        default=True, metadata={"help": "Write the rows' ground truth (gt/, annotations.json) when they carry it."}
+    )
+    progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.instance_score not in INSTANCE_SCORES:
+            raise ValueError(f"instance_score must be one of {INSTANCE_SCORES}, got {self.instance_score!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if isinstance(self.segmenter_kwargs, str):
+            try:
+                self.segmenter_kwargs = json.loads(self.segmenter_kwargs)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"segmenter_kwargs is not valid JSON: {self.segmenter_kwargs!r} ({err})") from None
+        self.segmenter_kwargs = dict(self.segmenter_kwargs or {})
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Generation
+
+
+class VLMGenerator:
+    """Batched answers of a vision-language model to the rows' prompts (left padding, new tokens only)."""
+
+    def __init__(self, model, processor, max_new_tokens: int = 256, temperature: float = 0.0):
+        self.model, self.processor = model.eval(), processor
+        self.processor.tokenizer.padding_side = "left"
+        self.kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0)
+        if temperature > 0:
+            self.kwargs["temperature"] = temperature
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, dtype: str = "float32", device: str = "cpu", **kwargs):
+        from cgpo_trl.models import load_model_and_processor
+
+        model, processor = load_model_and_processor(name_or_path, dtype=dtype, device=device)
+        return cls(model, processor, **kwargs)
+
+    def __call__(self, rows: Sequence[dict]) -> list[str]:
+        import torch
+
+        texts = [
+            self.processor.apply_chat_template(row_prompt(row), add_generation_prompt=True, tokenize=False)
+            for row in rows
+        ]
+        images = [[im.convert("RGB") for im in row["images"]] for row in rows]
+        inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt").to(self.model.device)
+        with torch.inference_mode():
+            output = self.model.generate(**inputs, **self.kwargs)
+        return self.processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def row_prompt(row: dict) -> list[dict]:
+    """The row's own prompt when it has one, else the task instruction for its images."""
+    return row.get("prompt") or build_prompt(row["task"], len(row["images"]))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Rows, names and inputs
+
+
+def safe_name(name: str) -> str:
+    """A file-system-safe stem (benchmark names already are; free text from rows may not be)."""
+    cleaned = _UNSAFE.sub("_", str(name)).strip("._")
+    if not cleaned:
+        raise ValueError(f"cannot make a file name from {name!r}")
+    return cleaned
+
+
+def row_key(row: dict, index: int) -> str:
+    """Stable identity of a row for resuming: its group (CoSOD), else its image name, else its index."""
+    if row["task"] == "cosod":
+        return safe_name(row.get("group") or f"group{index:05d}")
+    names = row.get("names") or ([row["name"]] if row.get("name") else None)
+    return safe_name(names[0]) if names else f"{index:06d}"
+
+
+def image_names(row: dict, index: int) -> list[str]:
+    """Relative output path (no suffix) of each image: `<name>` for SOD / SIS, `<group>/<name>` for CoSOD."""
+    names = row.get("names") or ([row["name"]] if row.get("name") else None)
+    if names is not None and len(names) != len(row["images"]):
+        raise ValueError(f"row {index}: {len(names)} names for {len(row['images'])} images")
+    if row["task"] == "cosod":
+        stems = [safe_name(n) for n in names] if names else [f"{j:03d}" for j in range(len(row["images"]))]
+        return [f"{row_key(row, index)}/{s}" for s in stems]
+    return [row_key(row, index)]
+
+
+def rows_from_folder(folder: str | Path, task: str) -> list[dict]:
+    """Rows (task, images, names, group) for a folder of images; CoSOD reads one sub-folder per group."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"images folder not found: {folder}")
+
+    def images_in(directory: Path) -> list[Path]:
+        return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+    def open_image(path: Path) -> Image.Image:
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB")
+        except OSError as err:
+            raise ValueError(f"cannot read image {path}: {err}") from None
+
+    rows = []
+    if task == "cosod":
+        for group in sorted(p for p in folder.iterdir() if p.is_dir()):
+            paths = images_in(group)
+            if paths:
+                rows.append(
+                    dict(
+                        task=task,
+                        group=group.name,
+                        images=[open_image(p) for p in paths],
+                        names=[p.stem for p in paths],
+                    )
+                )
+    else:
+        rows = [dict(task=task, images=[open_image(p)], name=p.stem) for p in images_in(folder)]
+    if not rows:
+        layout = "<group>/<image>" if task == "cosod" else "<image>"
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder} (expected {layout})")
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Masks, overlays
+
+
+def to_png_array(mask: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(np.asarray(mask, dtype=np.float32) * 255), 0, 255).astype(np.uint8)
+
+
+def overlay(image: Image.Image, masks: Sequence[np.ndarray], caption: str, min_side: int = 256) -> Image.Image:
+    """The image with each mask tinted in its own colour and `caption` written in a strip below."""
+    image = image.convert("RGB")
+    scale = max(1.0, min_side / min(image.size))
+    size = (round(image.width * scale), round(image.height * scale))
+    canvas = np.asarray(image.resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
+    for k, mask in enumerate(masks):
+        alpha = np.asarray(Image.fromarray(to_png_array(mask)).resize(size, Image.Resampling.BILINEAR)) / 255.0
+        canvas = canvas * (1 - 0.55 * alpha[..., None]) + np.array(PALETTE[k % len(PALETTE)]) * 0.55 * alpha[..., None]
+        # A white outline keeps the mask visible on an object of the tint's own colour.
+        inside = alpha >= 0.5
+        canvas[inside & ~binary_erosion(inside, iterations=max(1, size[0] // 128))] = 255
+    font = ImageFont.load_default(size=max(12, size[0] // 24))
+    char_width = max(1.0, font.getlength("m"))
+    lines = textwrap.wrap(caption or "(no expression)", width=max(8, int(size[0] / char_width * 1.6)))[:6]
+    line_height = font.size + 4
+    out = Image.new("RGB", (size[0], size[1] + line_height * len(lines) + 6), "white")
+    out.paste(Image.fromarray(canvas.astype(np.uint8)), (0, 0))
+    draw = ImageDraw.Draw(out)
+    for i, line in enumerate(lines):
+        draw.text((4, size[1] + 3 + i * line_height), line, fill="black", font=font)
+    return out
+
+
+def _save_png(array_or_image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = array_or_image if isinstance(array_or_image, Image.Image) else Image.fromarray(array_or_image)
+    image.save(path)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The pipeline
+
+
+@dataclass
+class PredictionSummary:
+    """Counts of a `predict_rows` run and where its outputs are."""
+
+    output_dir: Path
+    num_rows: int
+    num_predicted: int
+    num_skipped: int
+    num_well_formed: int
+    task_counts: dict[str, int]
+
+    @property
+    def masks_dir(self) -> Path:
+        return self.output_dir / "masks"
+
+    @property
+    def gt_dir(self) -> Path:
+        return self.output_dir / "gt"
+
+    @property
+    def results_json(self) -> Path:
+        return self.output_dir / "results.json"
+
+    @property
+    def annotations_json(self) -> Path:
+        return self.output_dir / "annotations.json"
+
+
+def _read_records(path: Path) -> dict[str, dict]:
+    records: dict[str, dict] = {}
+    if not path.is_file():
+        return records
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            # A run killed mid-write leaves at most one partial last line: drop it so the row is redone and the
+            # next record starts on a line of its own.
+            if number == len(lines):
+                path.write_text("".join(line + "\n" for line in lines[:-1]))
+                continue
+            raise ValueError(f"{path}:{number} is not valid JSON; delete the line or the file to redo it") from None
+        if not isinstance(record, dict) or "key" not in record:
+            raise ValueError(f"{path}:{number} is not a prediction record (no 'key')")
+        records[record["key"]] = record
+    return records
+
+
+def _image_id(row: dict, index: int) -> int:
+    return int(row["image_id"]) if row.get("image_id") is not None else index + 1
+
+
+def _write_ground_truth(row: dict, index: int, names: list[str], out: Path) -> None:
+    if row["task"] in ("sod", "cosod") and row.get("masks"):
+        for name, mask in zip(names, row["masks"]):
+            path = out / "gt" / f"{name}.png"
+            if not path.exists():
+                _save_png(mask.convert("L"), path)
+
+
+def _coco_ground_truth(rows: Iterable[tuple[int, dict]]) -> dict | None:
+    images, annotations = [], []
+    for index, row in rows:
+        if row["task"] != "sis" or row.get("instances") is None:
+            continue
+        image = row["images"][0]
+        image_id = _image_id(row, index)
+        images.append(
+            {"id": image_id, "file_name": f"{row_key(row, index)}.png", "height": image.height, "width": image.width}
+        )
+        for rle in row["instances"]:
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": 1,
+                    "segmentation": {"size": list(rle["size"]), "counts": rle["counts"]},
+                    "iscrowd": 0,
+                }
+            )
+    if not images:
+        return None
+    return {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "salient"}]}
+
+
+def _segment_batch(segmenter, rows: list[dict], parsed: list, instance_score: str) -> list[dict]:
+    """Masks for every row of a batch with one segmenter call per mode."""
+    region_pairs, instance_pairs = [], []  # (row, image, expression index)
+    for r, (row, answer) in enumerate(zip(rows, parsed)):
+        if row["task"] == "sis":
+            instance_pairs += [(r, 0, k) for k in range(len(answer.instances))]
+        else:
+            region_pairs += [(r, i, k) for i in range(len(row["images"])) for k in range(len(answer.regions))]
+    region_out = segmenter.segment(
+        [rows[r]["images"][i] for r, i, _ in region_pairs], [parsed[r].regions[k] for r, _, k in region_pairs]
+    )
+    instance_out = segmenter.segment(
+        [rows[r]["images"][0] for r, _, _ in instance_pairs],
+        [parsed[r].instances[k] for r, _, k in instance_pairs],
+        mode="instance",
+    )
+    results = []
+    for row in rows:
+        if row["task"] == "sis":
+            results.append({"instances": []})
+        else:
+            results.append({"maps": [np.zeros((im.height, im.width), np.float32) for im in row["images"]]})
+    for (r, i, _), (mask, _score) in zip(region_pairs, region_out):
+        np.maximum(results[r]["maps"][i], mask, out=results[r]["maps"][i])
+    for (r, _, k), found in zip(instance_pairs, instance_out):
+        n = len(parsed[r].instances)
+        for mask, score in found:
+            if not (mask >= 0.5).any():
+                continue
+            value = float(score) if instance_score == "segmenter" else (n - k) / n
+            results[r]["instances"].append((mask, value, k))
+    return results
+
+
+def predict_rows(
+    rows: Sequence[dict],
+    generate: Callable[[Sequence[dict]], list[str]],
+    segmenter,
+    output_dir: str | Path,
+    batch_size: int = 8,
+    instance_score: str = "segmenter",
+    overlays: bool = True,
+    write_ground_truth: bool = True,
+    progress: bool = True,
+) -> PredictionSummary:
+    """Run generation + segmentation over `rows` (data-contract dicts or a `datasets.Dataset`) into `output_dir`.
+
+    `generate(batch_of_rows) -> texts` is any callable (a `VLMGenerator`, or a stub in tests).
+    """
+    from tqdm.auto import tqdm
+
+    if instance_score not in INSTANCE_SCORES:
+        raise ValueError(f"instance_score must be one of {INSTANCE_SCORES}, got {instance_score!r}")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records_path = out / "predictions.jsonl"
+    done = _read_records(records_path)
+    keys, pending, seen = [], [], set()
+    for index in range(len(rows)):
+        row = rows[index]
+        if row.get("task") not in TASKS:
+            raise ValueError(f"row {index}: task must be one of {TASKS}, got {row.get('task')!r}")
+        key = f"{row['task']}:{row_key(row, index)}"
+        if key in seen:
+            raise ValueError(f"row {index}: name {key!r} is used by an earlier row; names must be unique")
+        seen.add(key)
+        keys.append(key)
+        if write_ground_truth:
+            _write_ground_truth(row, index, image_names(row, index), out)
+        if key not in done:
+            pending.append(index)
+
+    task_counts: dict[str, int] = {}
+    well_formed = sum(1 for r in done.values() if not r["problems"])
+    bar = tqdm(total=len(pending), desc=f"predict {out.name}", disable=not progress, unit="row")
+    with records_path.open("a") as log:
+        for start in range(0, len(pending), batch_size):
+            indices = pending[start : start + batch_size]
+            batch = [rows[i] for i in indices]
+            texts = generate(batch)
+            parsed = [parse_answer(text, task=row["task"]) for text, row in zip(texts, batch)]
+            segmented = _segment_batch(segmenter, batch, parsed, instance_score)
+            for index, row, text, answer, seg in zip(indices, batch, texts, parsed, segmented):
+                names = image_names(row, index)
+                record: dict[str, Any] = {
+                    "key": keys[index],
+                    "task": row["task"],
+                    "names": names,
+                    "group": row.get("group") or None,
+                    "text": text,
+                    "think": answer.think,
+                    "regions": answer.regions,
+                    "instances": answer.instances,
+                    "problems": answer.problems,
+                }
+                if row["task"] == "sis":
+                    record["image_id"] = _image_id(row, index)
+                    record["detections"] = [
+                        {"segmentation": encode_mask(m >= 0.5), "score": s, "expression": k}
+                        for m, s, k in seg["instances"]
+                    ]
+                    masks = [m for m, _, _ in seg["instances"]]
+                    if overlays:
+                        caption = " | ".join(answer.instances)
+                        _save_png(overlay(row["images"][0], masks, caption), out / "overlays" / f"{names[0]}.png")
+                else:
+                    for name, image, saliency in zip(names, row["images"], seg["maps"]):
+                        _save_png(to_png_array(saliency), out / "masks" / f"{name}.png")
+                        if overlays:
+                            caption = " | ".join(answer.regions)
+                            _save_png(overlay(image, [saliency], caption), out / "overlays" / f"{name}.png")
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                done[keys[index]] = record
+                well_formed += not answer.problems
+                task_counts[row["task"]] = task_counts.get(row["task"], 0) + 1
+            bar.update(len(indices))
+    bar.close()
+
+    detections = [
+        {"image_id": r["image_id"], "category_id": 1, "segmentation": d["segmentation"], "score": d["score"]}
+        for key in keys
+        if done[key]["task"] == "sis"
+        for r in [done[key]]
+        for d in r["detections"]
+    ]
+    if any(done[key]["task"] == "sis" for key in keys):
+        (out / "results.json").write_text(json.dumps(detections))
+    if write_ground_truth:
+        coco = _coco_ground_truth((i, rows[i]) for i in range(len(rows)) if rows[i]["task"] == "sis")
+        if coco is not None:
+            (out / "annotations.json").write_text(json.dumps(coco))
+    return PredictionSummary(
+        output_dir=out,
+        num_rows=len(rows),
+        num_predicted=len(pending),
+        num_skipped=len(rows) - len(pending),
+        num_well_formed=well_formed,
+        task_counts=task_counts,
+    )
+
+
+def run_predict(config: PredictConfig, rows: Sequence[dict] | None = None, generate=None, segmenter=None):
+    """Load what `config` names (model, segmenter, folder of images) unless given, then `predict_rows`."""
+    from cgpo_trl.saliency.segmenters import load_segmenter
+
+    if rows is None:
+        if config.images is None:
+            raise ValueError("give --images DIR (or rows from a dataset)")
+        rows = rows_from_folder(config.images, config.task)
+    if generate is None:
+        if config.model_name_or_path is None:
+            raise ValueError("give --model_name_or_path")
+        generate = VLMGenerator.from_pretrained(
+            config.model_name_or_path,
+            dtype=config.dtype,
+            device=config.device,
+            max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature,
+        )
+    if segmenter is None:
+        segmenter = load_segmenter(config.segmenter, **config.segmenter_kwargs)
+    return predict_rows(
+        rows,
+        generate,
+        segmenter,
+        config.output_dir,
+        batch_size=config.batch_size,
+        instance_score=config.instance_score,
+        overlays=config.overlays,
+        write_ground_truth=config.write_ground_truth,
+        progress=config.progress,
+    )
+
+
+def main(argv: list[str] | None = None) -> PredictionSummary:
+    from trl import TrlParser
+
+    (config,) = TrlParser((PredictConfig,)).parse_args_and_config(argv)
+    summary = run_predict(config)
+    print(
+        f"{summary.num_predicted} rows predicted, {summary.num_skipped} already done, "
+        f"{summary.num_well_formed}/{summary.num_rows} well-formed answers -> {summary.output_dir}"
+    )
+    return summary
+
+
+if __name__ == "__main__":
+    main()
