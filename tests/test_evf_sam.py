@@ -1,0 +1,303 @@
+"""EVF-SAM backend: published key layout, strict loading, pre/post-processing and the segmenter contract."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("sentencepiece")
+
+from cgpo_trl.saliency.segmenters import load_segmenter  # noqa: E402
+from cgpo_trl.saliency.segmenters.evf import EvfSamConfig, EvfSamModel, EvfTokenizer  # noqa: E402
+from cgpo_trl.saliency.segmenters.evf.keys import ours_to_published, published_to_ours  # noqa: E402
+from cgpo_trl.saliency.segmenters.evf.model import load_weights  # noqa: E402
+from cgpo_trl.saliency.segmenters.evf.processing import (  # noqa: E402
+    SAM_PIXEL_MEAN,
+    SAM_PIXEL_STD,
+    beit3_pixels,
+    resized_shape,
+    sam_pixels,
+    upsample_logits,
+)
+from cgpo_trl.saliency.segmenters.evf.tiny import TINY_CONFIG, save_tiny_checkpoint  # noqa: E402
+from cgpo_trl.saliency.segmenters.evf_sam import EvfSamSegmenter  # noqa: E402
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+PUBLISHED_CONFIG = {  # config.json of YxZhang/evf-sam, fields that matter
+    "architectures": ["EvfSamModel"],
+    "hidden_size": 1024,
+    "mm_extractor_scale": "large",
+    "model_type": "evf",
+    "out_dim": 256,
+    "sam_scale": "huge",
+    "torch_dtype": "float16",
+}
+
+
+def read_key_fixture(name: str) -> set[tuple[str, str]]:
+    """Expand the fixture's "{0-6,8}" layer ranges into (key, shape) pairs."""
+    keys = set()
+    with open(os.path.join(FIXTURES, name), encoding="utf-8") as handle:
+        for line in handle:
+            if not line.strip() or line.startswith("#"):
+                continue
+            key, shape = line.split()
+            match = re.fullmatch(r"(.*)\{([\d,\-]+)\}(.*)", key)
+            if not match:
+                keys.add((key, shape))
+                continue
+            for span in match[2].split(","):
+                first, _, last = span.partition("-")
+                keys.update((f"{match[1]}{i}{match[3]}", shape) for i in range(int(first), int(last or first) + 1))
+    return keys
+
+
+def key_set(state_dict) -> set[tuple[str, str]]:
+    return {(key, "x".join(map(str, value.shape))) for key, value in state_dict.items()}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("evf") / "tiny-evf-sam")
+
+
+@pytest.fixture(scope="module")
+def segmenter(checkpoint) -> EvfSamSegmenter:
+    return load_segmenter("evf-sam", cache_size=None, checkpoint=checkpoint, batch_size=2)
+
+
+def noise_image(height: int, width: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+# --- published layout ------------------------------------------------------------------------------------------------
+
+
+def test_full_size_keys_match_the_published_checkpoint():
+    config = EvfSamConfig.from_dict(PUBLISHED_CONFIG)
+    with torch.device("meta"):
+        model = EvfSamModel(config)
+    published = model.published_state_dict()
+    expected = read_key_fixture("evf_sam_keys.txt")
+    ours = key_set(published)
+    assert ours == expected, f"missing {sorted(expected - ours)[:5]}, unexpected {sorted(ours - expected)[:5]}"
+    assert len(published) == 1569
+    assert sum(value.numel() for value in published.values()) == 1_315_105_328
+    assert published_to_ours(published).keys() == model.state_dict().keys()
+
+
+def test_key_mapping_examples():
+    mapped = published_to_ours(
+        {
+            "visual_model.image_encoder.blocks.7.norm1.weight": 1,
+            "visual_model.mask_decoder.output_hypernetworks_mlps.2.layers.1.bias": 2,
+            "visual_model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix": 3,
+            "mm_extractor.beit3.encoder.layers.0.ffn.A.fc1.weight": 4,
+        }
+    )
+    assert mapped == {
+        "visual_model.vision_encoder.layers.7.layer_norm1.weight": 1,
+        "visual_model.mask_decoder.output_hypernetworks_mlps.2.layers.0.bias": 2,
+        "visual_model.prompt_encoder.shared_embedding.positional_embedding": 3,
+        "visual_model.shared_image_embedding.positional_embedding": 3,
+        "mm_extractor.beit3.encoder.layers.0.ffn.A.fc1.weight": 4,
+    }
+    assert set(ours_to_published(mapped)) == {
+        "visual_model.image_encoder.blocks.7.norm1.weight",
+        "visual_model.mask_decoder.output_hypernetworks_mlps.2.layers.1.bias",
+        "visual_model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix",
+        "mm_extractor.beit3.encoder.layers.0.ffn.A.fc1.weight",
+    }
+
+
+def test_tiny_checkpoint_has_the_published_file_layout(checkpoint):
+    assert {"config.json", "model.safetensors", "sentencepiece.bpe.model", "tokenizer_config.json"} <= set(
+        os.listdir(checkpoint)
+    )
+    with open(os.path.join(checkpoint, "config.json")) as handle:
+        assert json.load(handle)["model_type"] == "evf"
+    _, state_dict = load_weights(checkpoint)
+    assert "visual_model.image_encoder.neck.0.weight" in state_dict
+    assert not any(key.startswith("visual_model.vision_encoder") for key in state_dict)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pytorch_bin_and_safetensors_load_the_same_weights(checkpoint, tmp_path, dtype):
+    model = EvfSamModel.from_pretrained(checkpoint, dtype=dtype)
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
+    for name in ("sentencepiece.bpe.model", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(os.path.join(checkpoint, name), tmp_path / name)
+    model.save_pretrained(tmp_path, safe_serialization=False)
+    assert os.path.isfile(tmp_path / "pytorch_model.bin") and not os.path.exists(tmp_path / "model.safetensors")
+    reloaded = EvfSamModel.from_pretrained(tmp_path, dtype=dtype)
+    for (key, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items()):
+        assert torch.equal(a, b), key
+
+
+def test_strict_loading_names_the_bad_keys(checkpoint, tmp_path):
+    config = EvfSamConfig.from_json_file(os.path.join(checkpoint, "config.json"))
+    _, state_dict = load_weights(checkpoint)
+    with torch.device("meta"):
+        model = EvfSamModel(config)
+    broken = dict(state_dict)
+    del broken["mm_extractor.beit3.encoder.layers.1.ffn.B.fc2.bias"]
+    broken["visual_model.unused.weight"] = torch.zeros(1)
+    with pytest.raises(
+        ValueError,
+        match=r"missing \(1\): mm_extractor.beit3.encoder.layers.1.ffn.B.fc2.bias.*"
+        r"unexpected \(1\): visual_model.unused.weight",
+    ):
+        model.load_published_state_dict(broken)
+    wrong = dict(state_dict, **{"text_hidden_fcs.0.2.weight": torch.zeros(5, 32)})
+    with pytest.raises(ValueError, match=r"shape mismatch \(1\): text_hidden_fcs.0.2.weight"):
+        model.load_published_state_dict(wrong)
+    # A tied duplicate missing from a checkpoint is reported under its published name.
+    del broken["visual_model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"]
+    with pytest.raises(ValueError, match=r"missing \(2\):.*positional_encoding_gaussian_matrix"):
+        model.load_published_state_dict(broken)
+
+
+def test_config_errors_name_the_file_and_field(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**PUBLISHED_CONFIG, "model_type": "llama"}))
+    with pytest.raises(ValueError, match=r"config.json: model_type must be 'evf'"):
+        EvfSamConfig.from_json_file(path)
+    path.write_text(json.dumps({k: v for k, v in PUBLISHED_CONFIG.items() if k != "sam_scale"}))
+    with pytest.raises(ValueError, match=r"config.json: field 'sam_scale' is missing"):
+        EvfSamConfig.from_json_file(path)
+    path.write_text(json.dumps({**PUBLISHED_CONFIG, "sam_scale": "large"}))
+    with pytest.raises(NotImplementedError, match=r"EVF-SAM2"):
+        EvfSamConfig.from_json_file(path)
+    path.write_text(json.dumps({**PUBLISHED_CONFIG, "hidden_size": 768}))
+    with pytest.raises(ValueError, match=r"hidden_size=768 must equal the BEiT-3 width 1024"):
+        EvfSamConfig.from_json_file(path)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        EvfSamModel.from_pretrained(tmp_path / "missing")
+
+
+# --- pre- and post-processing -----------------------------------------------------------------------------------------
+
+
+def test_tokenizer_follows_the_slow_xlm_roberta_ids(checkpoint):
+    import sentencepiece
+
+    tokenizer = EvfTokenizer.from_pretrained(checkpoint)
+    pieces = sentencepiece.SentencePieceProcessor(model_file=os.path.join(checkpoint, "sentencepiece.bpe.model"))
+    text = "the red circle"
+    assert tokenizer.encode(text) == [0] + [piece + 1 for piece in pieces.encode(text)] + [2]
+    assert 0 in pieces.encode("Zebra")  # "Z" is not in the tiny vocabulary: SentencePiece <unk> (0) -> fairseq 3
+    assert tokenizer.encode("Zebra") == [0] + [piece + 1 if piece else 3 for piece in pieces.encode("Zebra")] + [2]
+    assert tokenizer.encode("<mask>") == [0, len(pieces) + 1, 2]
+    input_ids, padding = tokenizer(["the red circle", "red"])
+    assert input_ids.shape == padding.shape and input_ids.shape[0] == 2
+    assert input_ids[1].tolist()[padding[1].logical_not().sum() :] == [1] * int(padding[1].sum())
+    truncated, _ = tokenizer(["the red circle"], max_length=4)
+    assert truncated[0].tolist() == tokenizer.encode("the red circle")[:3] + [2]
+
+
+def test_tokenizer_reads_added_tokens(checkpoint, tmp_path):
+    for name in ("sentencepiece.bpe.model",):
+        shutil.copy(os.path.join(checkpoint, name), tmp_path / name)
+    (tmp_path / "added_tokens.json").write_text(json.dumps({"[semantic]": 62}))
+    tokenizer = EvfTokenizer.from_pretrained(tmp_path)
+    plain = EvfTokenizer.from_pretrained(checkpoint)
+    assert tokenizer.encode("[semantic] red") == [0, 62] + plain.encode("red")[1:]
+
+
+def test_image_preprocessing_values():
+    assert resized_shape(480, 640, 1024) == (768, 1024)
+    assert resized_shape(1000, 1, 1024) == (1024, 1)
+    grey = Image.new("RGB", (30, 20), (128, 64, 255))
+    pixels, resized = sam_pixels(grey, 64)
+    assert resized == (43, 64) and pixels.shape == (3, 64, 64)
+    expected = [(value - mean) / std for value, mean, std in zip((128, 64, 255), SAM_PIXEL_MEAN, SAM_PIXEL_STD)]
+    assert torch.allclose(pixels[:, :43, :].mean(dim=(1, 2)), torch.tensor(expected), atol=1e-5)
+    assert torch.count_nonzero(pixels[:, 43:, :]) == 0  # zero padding after normalisation
+    view = beit3_pixels(grey, 32)
+    assert view.shape == (3, 32, 32)
+    assert torch.allclose(view[:, 5, 7], torch.tensor([128, 64, 255]) / 255 * 2 - 1, atol=1e-6)
+
+
+def test_mask_upsampling_crops_the_padding():
+    logits = -torch.ones(16, 16)
+    logits[:8, :] = 1.0  # the top half of the SAM input; the image fills the top half (64x32 of 64x64)
+    full = upsample_logits(logits, 64, (32, 64), (10, 20))
+    assert full.shape == (10, 20)
+    assert bool((full > 0).all())
+
+
+# --- the segmenter ----------------------------------------------------------------------------------------------------
+
+
+def test_region_mode_gives_image_sized_binary_masks(segmenter):
+    images = [noise_image(50, 70), noise_image(30, 20, seed=1), noise_image(50, 70)]
+    results = segmenter.segment(images, ["the red circle", "the large blue star", "the red circle"])
+    assert [mask.shape for mask, _ in results] == [(50, 70), (30, 20), (50, 70)]
+    for mask, score in results:
+        assert mask.dtype == np.float32 and set(np.unique(mask)) <= {0.0, 1.0}
+        assert 0.0 <= score <= 1.0
+    np.testing.assert_array_equal(results[0][0], results[2][0])
+
+
+def test_batches_equal_single_pairs(segmenter):
+    images = [noise_image(40, 40, seed=s) for s in range(3)] + [noise_image(40, 40, seed=0)]
+    texts = ["the red circle", "the small green square on the left", "red", "the large blue star"]
+    model, tokenizer = segmenter.model, segmenter.tokenizer
+    batched = segmenter._segment_batch(images, texts)
+    for image, text, (mask, score) in zip(images, texts, batched):
+        sam, resized = sam_pixels(image, model.sam_image_size)
+        ids, padding = tokenizer([text])
+        with torch.no_grad():
+            low, iou = model(sam[None], beit3_pixels(image, model.beit3_image_size)[None], ids, padding)
+        logits = upsample_logits(low[0], model.sam_image_size, resized, (40, 40))
+        np.testing.assert_array_equal(mask, (logits > 0).float().numpy())
+        assert score == pytest.approx(float(iou[0].clamp(0, 1)), abs=1e-6)
+
+
+def test_soft_masks_are_the_sigmoid_of_the_binary_masks_logits(checkpoint, segmenter):
+    soft = EvfSamSegmenter(checkpoint=checkpoint, soft_masks=True)
+    image = noise_image(24, 36, seed=3)
+    ((soft_mask, soft_score),) = soft.segment([image], ["the yellow star"])
+    ((hard_mask, hard_score),) = segmenter.segment([image], ["the yellow star"])
+    assert soft_score == hard_score
+    assert 0.0 < soft_mask.min() and soft_mask.max() < 1.0
+    np.testing.assert_array_equal(soft_mask > 0.5, hard_mask > 0.5)
+
+
+def test_instance_mode_splits_components_scored_by_area_share(segmenter, monkeypatch):
+    mask = np.zeros((20, 30), np.float32)
+    mask[2:8, 2:12] = 1.0  # 60 px
+    mask[12:18, 20:25] = 1.0  # 30 px
+    mask[0, 29] = 1.0  # 1 px: below min_instance_area
+    monkeypatch.setattr(segmenter, "_segment_regions", lambda images, expressions: [(mask, 0.91)] * len(images))
+    (instances,) = segmenter.segment([noise_image(20, 30)], ["the objects"], mode="instance")
+    assert [int(m.sum()) for m, _ in instances] == [60, 30]
+    assert [s for _, s in instances] == pytest.approx([0.91 * 60 / 91, 0.91 * 30 / 91])
+    monkeypatch.setattr(segmenter, "_segment_regions", lambda images, expressions: [(mask * 0, 0.5)] * len(images))
+    assert segmenter.segment([noise_image(20, 30)], ["nothing"], mode="instance") == [[]]
+
+
+def test_load_segmenter_caches_and_rejects_bad_arguments(checkpoint, tmp_path):
+    cached = load_segmenter("evf-sam", checkpoint=checkpoint)
+    image = noise_image(16, 16)
+    first = cached.segment([image, image], ["red", "red"])
+    np.testing.assert_array_equal(first[0][0], first[1][0])
+    assert (cached.hits, cached.misses) == (1, 1)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        EvfSamSegmenter(checkpoint=checkpoint, dtype="int8")
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="is a file; pass the directory"):
+        EvfSamSegmenter(checkpoint=tmp_path / "weights.bin")
+
+
+def test_tiny_config_is_smaller_than_published():
+    config = EvfSamConfig.from_dict(TINY_CONFIG)
+    assert config.beit3_config().embed_dim == 32 and config.sam_config().vision_config.image_size == 64
