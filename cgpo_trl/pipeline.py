@@ -1,0 +1,576 @@
+"""The two-stage Saliency-R1 pipeline as library code: script arguments, data mixtures, policy loading, trainer
+assembly, checkpoints and the model card.
+
+`recipes/sft_saliency.py` (stage 1) and `recipes/cgpo_saliency.py` (stage 2) are thin `TrlParser` front ends over
+this module, and `cgpo_trl.demo` calls the same functions in-process, so the commands in the README and the demo
+exercise one code path. Everything a run needs comes from three dataclasses, filled from `--config X.yaml` and
+overridable on the command line:
+
+- [`SaliencyScriptArguments`]: datasets and their mixing weights, the referring segmenter, the reward functions,
+  and which RL trainer (`cgpo` or the `grpo` baseline) stage 2 uses;
+- `CGPOConfig` (stage 2) or `trl.SFTConfig` (stage 1);
+- `trl.ModelConfig`: the checkpoint (or `tiny-random`, a tiny offline Qwen2.5-VL), dtype and LoRA (`use_peft`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import logging
+import os
+import sys
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+TINY_MODEL = "tiny-random"
+"""`model_name_or_path` sentinel: build `cgpo_trl.testing.build_tiny_vlm` offline (seeded by the run's seed)."""
+
+RL_TRAINERS = ("cgpo", "grpo")
+INSTRUCTION_STYLES = ("full", "short")
+SHORT_INSTRUCTIONS = {
+    "sod": "Name the salient object.",
+    "sis": "Name each salient instance.",
+    "cosod": "Name the object these images share.",
+}
+"""`instruction: short`: one sentence per task, answer format learnt from the data (tiny models from scratch)."""
+SYNTHETIC = "synthetic"
+
+
+# ----------------------------------------------------------------------------------------------- arguments
+@dataclass
+class DatasetSpec:
+    """One component of a training or evaluation mixture.
+
+    In YAML: `datasets: [{name: synthetic, task: sod, num_samples: 8192, weight: 2, options: {rule: colour}}]`.
+    """
+
+    name: str = SYNTHETIC
+    """`synthetic` (procedural benchmark) or a name of the public-benchmark registry (`cgpo_trl.data.benchmarks`)."""
+    task: str | None = None
+    """`sod`, `sis` or `cosod`. Required for `synthetic`; benchmarks know their task."""
+    weight: float = 1.0
+    """Mixing ratio: share of this component in the interleaved mixture (normalised over the components)."""
+    num_samples: int | None = None
+    """Synthetic: rows generated (CoSOD: groups; default 1000). Benchmarks: keep at most this many rows."""
+    split: str = "train"
+    """Synthetic: `train`, `validation` or `test` (each its own random stream). Benchmarks: the loader's split."""
+    data_dir: str | None = None
+    """Benchmarks: root folder of the benchmark as distributed."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Synthetic: `SyntheticConfig` fields (rule, image_size, single_object_fraction, ...). Benchmarks: loader kwargs."""
+
+    @classmethod
+    def from_value(cls, value: Any, where: str) -> DatasetSpec:
+        if isinstance(value, DatasetSpec):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping like {{name: synthetic, task: sod}}, got {value!r}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in value:
+            if key not in known:
+                raise ValueError(f"{where}: unknown key {key!r}{_suggest(key, known)}; known keys: {known}")
+        spec = cls(**value)
+        if spec.weight <= 0:
+            raise ValueError(f"{where}: weight must be > 0, got {spec.weight}")
+        if spec.name == SYNTHETIC and spec.task is None:
+            raise ValueError(f"{where}: a synthetic dataset needs `task` (sod, sis or cosod)")
+        if not isinstance(spec.options, dict):
+            raise ValueError(f"{where}: options must be a mapping, got {spec.options!r}")
+        return spec
+
+
+def _default_datasets() -> list[dict]:
+    return [{"name": SYNTHETIC, "task": "sod", "num_samples": 1000}]
+
+
+@dataclass
+class SaliencyScriptArguments:
+    """Script arguments shared by the SFT and RL stages of the Saliency-R1 recipe."""
+
+    datasets: list[dict] = field(
+        default_factory=_default_datasets,
+        metadata={
+            "help": "Training mixture: a list of mappings with keys name, task, weight, num_samples, split, data_dir, "
+            "options (see cgpo_trl.pipeline.DatasetSpec). JSON on the command line."
+        },
+    )
+    eval_datasets: list[dict] = field(
+        default_factory=list,
+        metadata={"help": "Evaluation mixture, same keys as `datasets` (empty: no evaluation during training)."},
+    )
+    mixture_stopping: str = field(
+        default="first_exhausted",
+        metadata={
+            "help": "How the weighted mixture ends: `first_exhausted` (never repeats rows) or `all_exhausted` "
+            "(oversamples the smaller components).",
+            "choices": ["first_exhausted", "all_exhausted"],
+        },
+    )
+    segmenter: str = field(
+        default="shapes",
+        metadata={"help": "Referring segmenter backend: shapes, clipseg, sam3, grounded-sam, evf-sam."},
+    )
+    segmenter_kwargs: dict | str | None = field(
+        default=None,
+        metadata={"help": "Backend options, e.g. {checkpoint: ..., device: cuda, dtype: bfloat16}. JSON on the CLI."},
+    )
+    segmenter_cache_size: int = field(
+        default=4096, metadata={"help": "LRU cache entries in front of the segmenter (0 disables it)."}
+    )
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["format", "saliency"],
+        metadata={"help": "Reward functions by registry name; weights come from `reward_weights`."},
+    )
+    reward_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Options passed to the rewards that accept them, e.g. {metric: smeasure, require_think: false}. "
+            "An option no listed reward accepts is an error. JSON on the CLI."
+        },
+    )
+    instruction: str = field(
+        default="full",
+        metadata={
+            "help": "`full`: the task instructions of cgpo_trl.saliency.prompts (format, tags, example). `short`: "
+            "one sentence per task, for tiny models trained from scratch (the CPU demo learns several times faster "
+            "with ~20 prompt tokens than with ~220).",
+            "choices": ["full", "short"],
+        },
+    )
+    trainer: str = field(
+        default="cgpo",
+        metadata={
+            "help": "RL trainer: `cgpo` (CGPOTrainer) or `grpo` (the trl.GRPOTrainer baseline: same data, rewards "
+            "and settings, CGPO-only fields ignored).",
+            "choices": list(RL_TRAINERS),
+        },
+    )
+
+    def __post_init__(self):
+        if self.trainer not in RL_TRAINERS:
+            raise ValueError(f"trainer must be one of {list(RL_TRAINERS)}, got {self.trainer!r}")
+        if self.mixture_stopping not in ("first_exhausted", "all_exhausted"):
+            raise ValueError(
+                f"mixture_stopping must be first_exhausted or all_exhausted, got {self.mixture_stopping!r}"
+            )
+        if isinstance(self.segmenter_kwargs, str):
+            self.segmenter_kwargs = _parse_json(self.segmenter_kwargs, "segmenter_kwargs")
+        self.segmenter_kwargs = dict(self.segmenter_kwargs or {})
+        if isinstance(self.reward_kwargs, str):
+            self.reward_kwargs = _parse_json(self.reward_kwargs, "reward_kwargs")
+        self.reward_kwargs = dict(self.reward_kwargs or {})
+        if self.instruction not in INSTRUCTION_STYLES:
+            raise ValueError(f"instruction must be one of {list(INSTRUCTION_STYLES)}, got {self.instruction!r}")
+        for name in ("datasets", "eval_datasets"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = _parse_json(value, name)
+            if isinstance(value, dict):
+                value = [value]
+            setattr(self, name, [DatasetSpec.from_value(v, f"{name}[{i}]") for i, v in enumerate(value or [])])
+        if not self.datasets:
+            raise ValueError("datasets: at least one training dataset is needed")
+        if not self.reward_funcs:
+            raise ValueError("reward_funcs: at least one reward function is needed")
+
+
+def _parse_json(text: str, name: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{name}: not valid JSON ({err.msg}): {text!r}") from None
+
+
+def _suggest(key: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# ----------------------------------------------------------------------------------------------- parsing
+def make_parser(dataclass_types: Sequence[type]):
+    """A `trl.TrlParser` over `dataclass_types` whose structured fields take JSON on the command line."""
+    from trl import TrlParser
+
+    parser = TrlParser(list(dataclass_types))
+    for action in parser._actions:
+        if action.dest in ("datasets", "eval_datasets"):
+            action.type, action.nargs = str, None  # one JSON list (YAML gives the list itself)
+        elif action.type is typing.Callable or getattr(action.type, "__name__", "") == "Callable":
+            # `confidence: str | Callable`: a registry name from YAML / CLI (callables are for the Python API).
+            action.type = str
+    return parser
+
+
+def parse_args(dataclass_types: Sequence[type], argv: Sequence[str] | None = None) -> tuple:
+    """Parse `--config FILE.yaml` plus command-line overrides into `dataclass_types`.
+
+    An unknown or misspelt key in the YAML file is an error naming the file, the key and the closest known key
+    (TrlParser alone reports it only as a leftover `--key value` pair).
+    """
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    parser = make_parser(dataclass_types)
+    if "--config" in argv:
+        path = argv[argv.index("--config") + 1]
+        check_config_keys(path, parser)
+    return parser.parse_args_and_config(argv)
+
+
+def check_config_keys(path: str | os.PathLike, parser: argparse.ArgumentParser) -> dict:
+    """Fail with the offending key's name when the YAML file at `path` has a key no dataclass field takes."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--config {path}: no such file")
+    with open(path) as handle:
+        try:
+            config = yaml.safe_load(handle)
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a YAML mapping of field: value, got {type(config).__name__}")
+    known = sorted({a.dest for a in parser._actions if a.dest != "help"} | {"env"})
+    unknown = [key for key in config if key not in known]
+    if unknown:
+        details = "; ".join(f"{key!r}{_suggest(key, known)}" for key in unknown)
+        raise ValueError(f"{path}: unknown key(s) {details}")
+    return config
+
+
+# ----------------------------------------------------------------------------------------------- data
+def load_dataset_spec(spec: DatasetSpec):
+    """One mixture component as a `datasets.Dataset` in the data contract's columns."""
+    if spec.name == SYNTHETIC:
+        from .data.synthetic import SyntheticConfig, generate_synthetic
+
+        options = dict(spec.options)
+        for key in ("task", "split", "num_samples"):
+            if key in options:
+                raise ValueError(f"dataset {spec.name!r}: give {key!r} at the top level of the entry, not in options")
+        config = SyntheticConfig(
+            task=spec.task,
+            split=spec.split,
+            num_samples=1000 if spec.num_samples is None else spec.num_samples,
+            **options,
+        )
+        return generate_synthetic(config)
+    from .data import benchmarks
+
+    dataset = benchmarks.load_benchmark(spec.name, data_dir=spec.data_dir, split=spec.split, **spec.options)
+    if spec.task is not None and len(dataset) and dataset[0]["task"] != spec.task:
+        raise ValueError(f"dataset {spec.name!r} holds task {dataset[0]['task']!r}, but the entry says {spec.task!r}")
+    if spec.num_samples is not None:
+        dataset = dataset.select(range(min(spec.num_samples, len(dataset))))
+    return dataset
+
+
+def build_mixture(
+    specs: Sequence[DatasetSpec], seed: int = 0, stopping: str = "first_exhausted", instruction: str = "full"
+):
+    """Interleave the components with probabilities proportional to their weights (`datasets.interleave_datasets`)."""
+    from datasets import interleave_datasets
+
+    from .data.rows import ROW_FEATURES
+
+    parts = [load_dataset_spec(spec) for spec in specs]
+    if instruction == "short":
+        parts = [part.map(_shorten_instruction, desc="short instructions") for part in parts]
+    if len(parts) == 1:
+        return parts[0]
+    if len({json.dumps(p.features.to_dict(), sort_keys=True) for p in parts}) > 1:
+        parts = [p.select_columns(list(ROW_FEATURES)).cast(ROW_FEATURES) for p in parts]
+    total = sum(spec.weight for spec in specs)
+    return interleave_datasets(
+        parts, probabilities=[spec.weight / total for spec in specs], seed=seed, stopping_strategy=stopping
+    )
+
+
+def _shorten_instruction(row: dict) -> dict:
+    prompt = []
+    for message in row["prompt"]:
+        content = [
+            {**block, "text": SHORT_INSTRUCTIONS[row["task"]]} if block["type"] == "text" else block
+            for block in message["content"]
+        ]
+        prompt.append({**message, "content": content})
+    return {"prompt": prompt}
+
+
+def load_mixtures(script_args, seed: int):
+    """(train, eval-or-None) datasets of the script arguments."""
+    train = build_mixture(script_args.datasets, seed, script_args.mixture_stopping, script_args.instruction)
+    evaluation = None
+    if script_args.eval_datasets:
+        evaluation = build_mixture(
+            script_args.eval_datasets, seed, script_args.mixture_stopping, script_args.instruction
+        )
+    return train, evaluation
+
+
+def to_sft_rows(dataset):
+    """Rows -> TRL prompt-completion conversations with images; the completion is the row's reference answer."""
+
+    def convert(row):
+        return {"completion": [{"role": "assistant", "content": [{"type": "text", "text": row["solution"]}]}]}
+
+    if "solution" not in dataset.column_names:
+        raise ValueError("SFT needs a `solution` column (the reference answer) in every training dataset")
+    empty = sum(1 for s in dataset["solution"] if not s)
+    if empty:
+        raise ValueError(
+            f"{empty} of {len(dataset)} training rows have an empty `solution`; SFT needs reference answers"
+        )
+    keep = ["prompt", "images", "solution"]
+    dataset = dataset.select_columns(keep).map(convert, desc="SFT conversations")
+    return dataset.remove_columns("solution")
+
+
+# ----------------------------------------------------------------------------------------------- model
+def load_policy(model_args, seed: int = 0):
+    """Policy and processor from `ModelConfig`: `tiny-random` builds a tiny Qwen2.5-VL offline, anything else goes
+    through `cgpo_trl.models.load_model_and_processor` (Qwen2.5-VL checkpoints load without torchvision)."""
+    name = model_args.model_name_or_path
+    if not name:
+        raise ValueError("model_name_or_path is required (a checkpoint folder, a hub id, or 'tiny-random')")
+    if name == TINY_MODEL:
+        from .testing import build_tiny_vlm
+
+        return build_tiny_vlm(seed=seed)
+    from .models import load_model_and_processor
+
+    kwargs: dict[str, Any] = {}
+    if model_args.attn_implementation:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    if model_args.model_revision not in (None, "main"):
+        kwargs["revision"] = model_args.model_revision
+    dtype = model_args.dtype if model_args.dtype not in (None, "auto") else "float32"
+    try:
+        return load_model_and_processor(name, dtype=dtype, **kwargs)
+    except OSError as err:
+        where = "folder" if Path(name).exists() else "folder (no such path) nor a reachable hub id"
+        raise ValueError(f"model_name_or_path={name!r} is neither a checkpoint {where}: {err}") from None
+
+
+def peft_config(model_args):
+    from trl import get_peft_config
+
+    return get_peft_config(model_args)
+
+
+# ----------------------------------------------------------------------------------------------- rewards
+def build_reward_funcs(script_args, processor, model=None, max_completion_length: int | None = None) -> list[Callable]:
+    """Reward functions by registry name, sharing one cached segmenter; the format reward learns the EOS ids and
+    the length cap so a completion cut at the cap does not count as well-formed."""
+    import inspect
+
+    from .saliency.rewards import REWARDS, build_reward_funcs, eos_token_ids_of
+    from .saliency.segmenters import load_segmenter
+
+    segmenter = load_segmenter(
+        script_args.segmenter, cache_size=script_args.segmenter_cache_size, **script_args.segmenter_kwargs
+    )
+    options = dict(script_args.reward_kwargs)
+    accepted = set()
+    for name in script_args.reward_funcs:
+        if name in REWARDS:
+            accepted |= set(inspect.signature(REWARDS[name]).parameters)
+    if "eos_token_ids" in accepted and "eos_token_ids" not in options:
+        options["eos_token_ids"] = eos_token_ids_of(processor, getattr(model, "generation_config", None))
+    if "max_completion_length" in accepted and "max_completion_length" not in options and max_completion_length:
+        options["max_completion_length"] = max_completion_length
+    try:
+        return build_reward_funcs(script_args.reward_funcs, segmenter=segmenter, **options)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"reward_funcs={script_args.reward_funcs}, reward_kwargs={script_args.reward_kwargs}: {err}"
+        ) from None
+
+
+# ----------------------------------------------------------------------------------------------- trainers
+def cgpo_only_fields() -> list[str]:
+    from trl import GRPOConfig
+
+    from .config import CGPOConfig
+
+    grpo = {f.name for f in dataclasses.fields(GRPOConfig)}
+    return [f.name for f in dataclasses.fields(CGPOConfig) if f.name not in grpo]
+
+
+def to_grpo_config(args):
+    """The `trl.GRPOConfig` with every GRPO field of a `CGPOConfig` (the CGPO-only fields are dropped).
+
+    GRPO normalises rewards within groups, so it needs `num_generations >= 2` (CGPO's default is 1).
+    """
+    from trl import GRPOConfig
+
+    from .config import CGPOConfig
+
+    if args.num_generations is None or args.num_generations < 2:
+        raise ValueError(
+            f"trainer=grpo needs num_generations >= 2 (group-normalised advantages), got {args.num_generations}; "
+            "set num_generations in the YAML or on the command line"
+        )
+    defaults = CGPOConfig.__dataclass_fields__
+    changed = [
+        name
+        for name in cgpo_only_fields()
+        if getattr(args, name)
+        != (defaults[name].default_factory() if callable(defaults[name].default_factory) else defaults[name].default)
+    ]
+    if changed:
+        logger.warning("trainer=grpo ignores the CGPO-only settings %s", changed)
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(GRPOConfig) if f.init}
+    values["accelerator_config"] = dataclasses.asdict(args.accelerator_config)
+    values["generation_batch_size"] = None  # re-derived from steps_per_generation (both may not be set)
+    return GRPOConfig(**values)
+
+
+def build_rl_trainer(script_args, training_args, model_args, model=None, processor=None):
+    """`CGPOTrainer` (or the `GRPOTrainer` baseline) on the configured mixture, rewards and policy."""
+    from trl import GRPOTrainer
+
+    from .trainer import CGPOTrainer
+
+    if model is None:
+        model, processor = load_policy(model_args, seed=training_args.seed)
+    train, evaluation = load_mixtures(script_args, training_args.seed)
+    args = training_args if script_args.trainer == "cgpo" else to_grpo_config(training_args)
+    if args.reward_weights is not None and len(args.reward_weights) != len(script_args.reward_funcs):
+        raise ValueError(
+            f"reward_weights has {len(args.reward_weights)} values for {len(script_args.reward_funcs)} reward_funcs "
+            f"{script_args.reward_funcs}"
+        )
+    trainer_cls = CGPOTrainer if script_args.trainer == "cgpo" else GRPOTrainer
+    return trainer_cls(
+        model=model,
+        reward_funcs=build_reward_funcs(script_args, processor, model, args.max_completion_length),
+        args=args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=processor,
+        peft_config=peft_config(model_args),
+    )
+
+
+def build_sft_trainer(script_args, training_args, model_args, model=None, processor=None):
+    """`trl.SFTTrainer` on the mixture's reference answers (prompt-completion, loss on the completion only)."""
+    from trl import SFTTrainer
+
+    if model is None:
+        model, processor = load_policy(model_args, seed=training_args.seed)
+    train, evaluation = load_mixtures(script_args, training_args.seed)
+    train = to_sft_rows(train)
+    evaluation = to_sft_rows(evaluation) if evaluation is not None else None
+    return SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=processor,
+        peft_config=peft_config(model_args),
+    )
+
+
+# ----------------------------------------------------------------------------------------------- run
+def resolve_checkpoint(value: str | bool | None) -> str | bool | None:
+    """`--resume_from_checkpoint true|last` resumes from the newest checkpoint in output_dir; a path, from it."""
+    if isinstance(value, str) and value.lower() in ("true", "last"):
+        return True
+    if isinstance(value, str) and value.lower() in ("false", "none", ""):
+        return None
+    return value
+
+
+def train_and_save(trainer, script_args, model_args, stage: str, metrics: dict | None = None) -> dict:
+    """Train (resuming if asked), save the final model with its processor, and write the model card."""
+    args = trainer.args
+    result = trainer.train(resume_from_checkpoint=resolve_checkpoint(args.resume_from_checkpoint))
+    train_metrics = dict(result.metrics)
+    trainer.log_metrics("train", train_metrics)
+    trainer.save_metrics("train", train_metrics)
+    trainer.save_state()
+    trainer.save_model(args.output_dir)
+    all_metrics = {**train_metrics, **(metrics or {})}
+    if trainer.eval_dataset is not None:
+        eval_metrics = trainer.evaluate()
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        all_metrics.update(eval_metrics)
+    if trainer.is_world_process_zero():
+        write_model_card(trainer, script_args, model_args, stage, all_metrics)
+    return all_metrics
+
+
+def describe_datasets(specs: Sequence[DatasetSpec]) -> list[str]:
+    lines = []
+    for spec in specs:
+        what = f"{spec.name} ({spec.task})" if spec.task else spec.name
+        size = f", {spec.num_samples} samples" if spec.num_samples is not None else ""
+        where = f", data_dir {spec.data_dir}" if spec.data_dir else ""
+        options = f", options {json.dumps(spec.options, sort_keys=True)}" if spec.options else ""
+        lines.append(f"{what}: split {spec.split}, weight {spec.weight:g}{size}{where}{options}")
+    return lines
+
+
+CARD_METRIC_PREFIXES = (
+    "reward",
+    "cgpo/",
+    "saliency/",
+    "eval_",
+    "test_",
+    "train_loss",
+    "train_runtime",
+    "completions/mean_length",
+    "mean_token_accuracy",
+)
+
+
+def write_model_card(trainer, script_args, model_args, stage: str, metrics: dict) -> Path:
+    """TRL's model card, followed by the recipe: data, segmenter, rewards, trainer settings and final metrics."""
+    from . import __version__
+
+    trainer.create_model_card(model_name=Path(trainer.args.output_dir).name, tags=["saliency-r1", "cgpo_trl", stage])
+    path = Path(trainer.args.output_dir) / "README.md"
+    args = trainer.args
+    lines = [
+        "",
+        f"## Saliency-R1 recipe ({stage}, cgpo_trl {__version__})",
+        "",
+        f"- Base model: `{model_args.model_name_or_path}`" + (" with LoRA" if model_args.use_peft else ""),
+        "- Training data:",
+        *[f"  - {line}" for line in describe_datasets(script_args.datasets)],
+    ]
+    if script_args.eval_datasets:
+        lines += ["- Evaluation data:", *[f"  - {line}" for line in describe_datasets(script_args.eval_datasets)]]
+    if stage == "rl":
+        weights = args.reward_weights or [1.0] * len(script_args.reward_funcs)
+        lines += [
+            f"- Trainer: `{type(trainer).__name__}`, {args.num_generations} completion(s) per prompt",
+            f"- Segmenter: `{script_args.segmenter}` {json.dumps(script_args.segmenter_kwargs, sort_keys=True)}",
+            "- Rewards: " + ", ".join(f"`{n}` × {w:g}" for n, w in zip(script_args.reward_funcs, weights)),
+        ]
+        if hasattr(args, "confidence"):
+            lines.append(
+                f"- Confidence: level `{args.confidence_level}`, estimator `{args.confidence}`, calibration "
+                f"`{args.confidence_calibration}`"
+            )
+    else:
+        lines.append("- Trainer: `SFTTrainer`, loss on the reference answer (completion) tokens")
+    lines.append(
+        f"- Optimisation: lr {args.learning_rate:g}, {args.max_steps if args.max_steps > 0 else args.num_train_epochs} "
+        f"{'steps' if args.max_steps > 0 else 'epochs'}, per-device batch {args.per_device_train_batch_size}, "
+        f"seed {args.seed}"
+    )
+    shown = {k: v for k, v in metrics.items() if k.startswith(CARD_METRIC_PREFIXES)}
+    if shown:
+        lines += ["", "### Final metrics", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(shown.items())]
+    with open(path, "a") as handle:
+        handle.write("\n".join(lines) + "\n")
+    return path
