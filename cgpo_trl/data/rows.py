@@ -62,6 +62,9 @@ def annotation_to_rle(segmentation, height: int, width: int) -> dict:
     if isinstance(segmentation, list):  # polygons: [[x1, y1, x2, y2, ...], ...]
         rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
     elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):  # uncompressed RLE
+        total = sum(segmentation["counts"])
+        if total != height * width:
+            raise ValueError(f"uncompressed RLE counts sum to {total}, not height x width = {height * width}")
         rle = mask_utils.frPyObjects(segmentation, height, width)
     elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), (str, bytes)):
         rle = dict(segmentation)
