@@ -1,10 +1,13 @@
-"""Command-line evaluation: ``python -m cgpo_trl.eval {sod,cosod,sis} ...``.
+"""Command-line evaluation: ``python -m cgpo_trl.eval {sod,cosod,sis,report} ...``.
 
 * ``sod --pred DIR --gt DIR [--json OUT]``: SOD metrics (``MAE, Sm, wFm, maxFm, meanFm, adpFm, maxEm, meanEm,
   adpEm``) of predicted masks against ground truth, paired by file stem.
 * ``cosod --pred DIR --gt DIR [--convention image|group]``: the same over ``DIR/<group>/<name>.png``; ``image``
   (default) averages over all images like the CoSOD evaluation toolbox, ``group`` averages per-group means.
 * ``sis --pred RESULTS.json --gt ANNOTATIONS.json``: COCO mask ``AP, AP50, AP70``.
+* ``report --config recipes/eval/<x>.yaml``: `cgpo_trl.predict` then the metrics over a list of datasets, written
+  as ``report.md`` and ``report.json`` in the shape of the paper's tables (SOD benchmarks x metrics, SIS AP / AP50 /
+  AP70, CoSOD benchmarks x metrics) plus ``examples.png``, a grid of prediction overlays (see `ReportConfig`).
 
 Metric details (file reading, resizing, aggregation) are in `cgpo_trl.saliency.metrics`.
 """
@@ -14,7 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from cgpo_trl.saliency.metrics import (
     CONVENTIONS,
@@ -41,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                 help="evaluate the names found on both sides and count the others, instead of failing",
             )
             p.add_argument(
-                "--workers", type=int, default=None, help="scoring processes (default: CPU count, at most 8)"
+                "--workers", type=int, default=None, help="scoring processes (default: CPU count, at most 8 and one per 128 files)"
             )
             p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
 
@@ -67,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     sis.add_argument("--gt", type=Path, required=True, help="COCO annotations JSON with one category")
     add_common(sis, folders=False)
 
+    report = sub.add_parser("report", help="predict and evaluate a list of benchmarks from a YAML config")
+    report.add_argument("--config", type=Path, required=True, help="recipes/eval/<x>.yaml")
+    report.add_argument("--output_dir", type=Path, default=None, help="override the config's output_dir")
     return parser
 
 
@@ -79,6 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command == "report":
+            return run_report(load_report_config(args.config, output_dir=args.output_dir))
         if args.command == "sis":
             out = evaluate_sis(args.pred, args.gt)
             keys = SIS_METRICS
@@ -95,13 +105,272 @@ def main(argv: list[str] | None = None) -> dict:
                     f"{len(result.extra)} without ground truth",
                     file=sys.stderr,
                 )
-    except MetricInputError as err:
+    except (MetricInputError, ReportConfigError) as err:
         parser.exit(2, f"error: {err}\n")
     _print_metrics(out, keys)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=2) + "\n")
     return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Benchmark report
+
+TASK_TITLES = {
+    "sod": "Salient object detection",
+    "sis": "Salient instance segmentation",
+    "cosod": "Co-salient object detection",
+}
+LOWER_IS_BETTER = {"MAE"}
+
+
+class ReportConfigError(ValueError):
+    """The report config is malformed; the message names the file and field."""
+
+
+@dataclass
+class ReportDataset:
+    """One benchmark of a report: a `cgpo_trl.data.benchmarks.load_saliency_dataset` name and its options."""
+
+    name: str
+    """`synthetic-sod|sis|cosod` or a public benchmark (`duts-te`, `ecssd`, `ilso`, `coca`, ...)."""
+    data_dir: str | None = None
+    label: str | None = None
+    """Name shown in the tables (default: `name`)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Passed on: `SyntheticConfig` fields for synthetic sets, `skip_bad` / `annotations` for benchmarks."""
+    allow_missing: bool = False
+
+
+@dataclass
+class ReportConfig:
+    """What `python -m cgpo_trl.eval report --config X.yaml` runs. Every `PredictConfig` field may appear."""
+
+    output_dir: str
+    datasets: list[ReportDataset]
+    predict: dict[str, Any] = field(default_factory=dict)
+    """`PredictConfig` fields (model_name_or_path, segmenter, segmenter_kwargs, batch_size, ...)."""
+    answers: str = "model"
+    """`model` generates answers; `reference` uses each row's `solution` (the segmenter's ceiling on data that has
+    reference answers, e.g. the synthetic sets)."""
+    cosod_convention: str = DEFAULT_CONVENTION
+    examples_per_dataset: int = 4
+    workers: int | None = None
+
+
+def load_report_config(path: str | Path, output_dir: str | Path | None = None) -> ReportConfig:
+    """Read a report YAML: top-level `ReportConfig` fields, and `PredictConfig` fields (collected into `predict`)."""
+    import yaml
+
+    from cgpo_trl.predict import PredictConfig
+
+    path = Path(path)
+    if not path.is_file():
+        raise ReportConfigError(f"report config not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ReportConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ReportConfigError(f"{path}: expected a mapping of fields at the top level")
+    own = {f.name for f in fields(ReportConfig)} - {"predict"}
+    predict_fields = {f.name for f in fields(PredictConfig)} - {"output_dir", "images", "task"}
+    unknown = sorted(set(raw) - own - predict_fields)
+    if unknown:
+        raise ReportConfigError(f"{path}: unknown field(s) {unknown}; allowed: {sorted(own | predict_fields)}")
+    if output_dir is not None:
+        raw["output_dir"] = str(output_dir)
+    for required in ("output_dir", "datasets"):
+        if not raw.get(required):
+            raise ReportConfigError(f"{path}: field {required!r} is required")
+    datasets = []
+    dataset_fields = {f.name for f in fields(ReportDataset)}
+    for i, entry in enumerate(raw["datasets"]):
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise ReportConfigError(f"{path}: datasets[{i}] must be a mapping with a 'name'")
+        options = {k: v for k, v in entry.items() if k not in dataset_fields}
+        datasets.append(
+            ReportDataset(
+                **{k: v for k, v in entry.items() if k in dataset_fields - {"options"}},
+                options={**options, **(entry.get("options") or {})},
+            )
+        )
+    config = ReportConfig(
+        output_dir=str(raw["output_dir"]),
+        datasets=datasets,
+        predict={k: v for k, v in raw.items() if k in predict_fields},
+        **{k: v for k, v in raw.items() if k in own - {"output_dir", "datasets"}},
+    )
+    if config.answers not in ("model", "reference"):
+        raise ReportConfigError(f"{path}: answers must be 'model' or 'reference', got {config.answers!r}")
+    if config.cosod_convention not in CONVENTIONS:
+        raise ReportConfigError(f"{path}: cosod_convention must be one of {CONVENTIONS}")
+    labels = [d.label or d.name for d in datasets]
+    if len(set(labels)) != len(labels):
+        raise ReportConfigError(f"{path}: dataset labels must be unique, got {labels}")
+    return config
+
+
+def _dataset_task(name: str) -> str:
+    from cgpo_trl.data.benchmarks import get_benchmark_spec
+
+    return name.removeprefix("synthetic-") if name.startswith("synthetic-") else get_benchmark_spec(name).task
+
+
+def _source_files(dataset, column: str) -> list[list[str | None]]:
+    """The file each image / mask of a benchmark row was loaded from (None for in-memory rows)."""
+    from datasets import Image as ImageFeature
+    from datasets import List
+
+    if column not in dataset.column_names:
+        return [[] for _ in range(len(dataset))]
+    raw = dataset.select_columns([column]).cast_column(column, List(ImageFeature(decode=False)))
+    return [[item["path"] for item in row] for row in raw[column]]
+
+
+def _with_names_and_gt(dataset, task: str):
+    """Name predictions after the benchmark's files and find the GT folder to score against (toolkit-exact).
+
+    Returns the dataset (with a `names` column when the files are known) and the GT root, or None when the ground
+    truth only exists in memory (synthetic rows) and `predict` has to write it.
+    """
+    images, masks = _source_files(dataset, "images"), _source_files(dataset, "masks")
+    if not images or any(p is None for row in images for p in row):
+        return dataset, None
+    names = [[Path(p).stem for p in row] for row in images]
+    dataset = dataset.add_column("names", names)
+    if task == "sis" or any(p is None for row in masks for p in row):
+        return dataset, None
+    levels = 2 if task == "cosod" else 1
+    roots = {Path(p).parents[levels - 1] for row in masks for p in row}
+    mask_names = [[Path(p).stem for p in row] for row in masks]
+    if len(roots) != 1 or mask_names != names:
+        return dataset, None
+    return dataset, roots.pop()
+
+
+def run_report(config: ReportConfig) -> dict:
+    """Predict and score every dataset of `config`; write report.md, report.json and examples.png."""
+    from cgpo_trl.data.benchmarks import load_saliency_dataset
+    from cgpo_trl.predict import PredictConfig, VLMGenerator, predict_rows
+    from cgpo_trl.saliency.segmenters import load_segmenter
+
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    predict_config = PredictConfig(output_dir=str(out), **config.predict)
+    if config.answers == "reference":
+        generate, model_label = (lambda rows: [row["solution"] for row in rows]), "reference answers"
+    else:
+        if predict_config.model_name_or_path is None:
+            raise ReportConfigError("model_name_or_path is required unless answers: reference")
+        generate = VLMGenerator.from_pretrained(
+            predict_config.model_name_or_path,
+            dtype=predict_config.dtype,
+            device=predict_config.device,
+            max_new_tokens=predict_config.max_new_tokens,
+            temperature=predict_config.temperature,
+        )
+        model_label = predict_config.model_name_or_path
+    segmenter = load_segmenter(predict_config.segmenter, **predict_config.segmenter_kwargs)
+
+    tables: dict[str, dict[str, dict]] = {"sod": {}, "sis": {}, "cosod": {}}
+    examples: list[tuple[str, list[Path]]] = []
+    for entry in config.datasets:
+        label = entry.label or entry.name
+        task = _dataset_task(entry.name)
+        dataset = load_saliency_dataset(entry.name, entry.data_dir, **entry.options)
+        dataset, gt_root = _with_names_and_gt(dataset, task)
+        if config.answers == "reference" and not all(dataset["solution"]):
+            raise ReportConfigError(f"dataset {label}: answers: reference needs a `solution` in every row")
+        target = out / safe_label(label)
+        summary = predict_rows(
+            dataset,
+            generate,
+            segmenter,
+            target,
+            batch_size=predict_config.batch_size,
+            instance_score=predict_config.instance_score,
+            overlays=predict_config.overlays,
+            write_ground_truth=gt_root is None,
+            progress=predict_config.progress,
+        )
+        common = dict(allow_missing=entry.allow_missing, workers=config.workers, progress=predict_config.progress)
+        gt = gt_root or summary.gt_dir
+        if task == "sis":
+            metrics = evaluate_sis(summary.results_json, summary.annotations_json)
+            metrics["num_images"] = summary.num_rows
+        elif task == "sod":
+            metrics = evaluate_sod(summary.masks_dir, gt, **common).to_json()
+        else:
+            metrics = evaluate_cosod(summary.masks_dir, gt, convention=config.cosod_convention, **common).to_json()
+        metrics["well_formed"] = summary.num_well_formed / max(summary.num_rows, 1)
+        tables[task][label] = metrics
+        overlays = sorted((target / "overlays").rglob("*.png"))[: config.examples_per_dataset]
+        if overlays:
+            examples.append((label, overlays))
+
+    report = {
+        "model": model_label,
+        "segmenter": predict_config.segmenter,
+        "cosod_convention": config.cosod_convention,
+        "instance_score": predict_config.instance_score,
+        **{task: rows for task, rows in tables.items() if rows},
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(format_report(report))
+    if examples:
+        example_grid(examples).save(out / "examples.png")
+    print(format_report(report))
+    return report
+
+
+def safe_label(label: str) -> str:
+    from cgpo_trl.predict import safe_name
+
+    return safe_name(label)
+
+
+def format_report(report: dict) -> str:
+    """Markdown tables shaped like the paper's: one per task, benchmarks as rows, metrics as columns."""
+    lines = [
+        "# Saliency-R1 evaluation",
+        "",
+        f"Model: `{report['model']}` · segmenter: `{report['segmenter']}` · SIS score: {report['instance_score']} · "
+        f"CoSOD average: over {'all images' if report['cosod_convention'] == 'image' else 'groups'}",
+        "",
+    ]
+    for task, keys in (("sod", SOD_METRICS), ("sis", SIS_METRICS), ("cosod", SOD_METRICS)):
+        rows = report.get(task)
+        if not rows:
+            continue
+        header = [f"{k} {'↓' if k in LOWER_IS_BETTER else '↑'}" for k in keys]
+        lines += [f"## {TASK_TITLES[task]}", ""]
+        lines += ["| Dataset | images | " + " | ".join(header) + " | well-formed |"]
+        lines += ["|---|---:|" + "---:|" * len(keys) + "---:|"]
+        for label, metrics in rows.items():
+            values = " | ".join(f"{metrics[k]:.3f}" for k in keys)
+            lines.append(f"| {label} | {metrics['num_images']} | {values} | {metrics['well_formed']:.0%} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def example_grid(examples: list[tuple[str, list[Path]]], tile: int = 192):
+    """One row of overlay tiles per dataset, the dataset's name above its row."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=14)
+    columns = max(len(paths) for _, paths in examples)
+    tiles = [[Image.open(p).convert("RGB") for p in paths] for _, paths in examples]
+    heights = [max(round(im.height * tile / im.width) for im in row) for row in tiles]
+    grid = Image.new("RGB", (columns * (tile + 4) + 4, sum(h + 24 for h in heights) + 4), "white")
+    draw, y = ImageDraw.Draw(grid), 4
+    for (label, _), row, height in zip(examples, tiles, heights):
+        draw.text((6, y + 2), label, fill="black", font=font)
+        for c, im in enumerate(row):
+            grid.paste(im.resize((tile, round(im.height * tile / im.width))), (4 + c * (tile + 4), y + 20))
+        y += height + 24
+    return grid
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ from cgpo_trl.saliency.prompts import TASKS, build_prompt
 from cgpo_trl.saliency.tags import parse_answer
 
 INSTANCE_SCORES = ("segmenter", "order")
+TINY_MODEL = "tiny-random"  # the same offline stand-in the training recipes accept
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # Tints for overlays: region masks use the first, instances cycle through all.
 PALETTE = [(255, 40, 40), (40, 120, 255), (40, 200, 80), (255, 190, 0), (200, 60, 220), (0, 210, 210)]
@@ -53,7 +54,9 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 class PredictConfig:
     """Options of `python -m cgpo_trl.predict` (also the `predict` part of an eval report config)."""
 
-    model_name_or_path: str = field(default=None, metadata={"help": "Checkpoint folder or hub id (Qwen2.5-VL)."})
+    model_name_or_path: str = field(
+        default=None, metadata={"help": "Checkpoint folder or hub id (Qwen2.5-VL), or 'tiny-random' (offline)."}
+    )
     output_dir: str = field(default="predictions", metadata={"help": "Where masks, JSON and overlays go."})
     images: str | None = field(
         default=None, metadata={"help": "Folder of images (CoSOD: one sub-folder per group). CLI input only."}
@@ -109,6 +112,12 @@ class VLMGenerator:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype: str = "float32", device: str = "cpu", **kwargs):
+        """Load a checkpoint; `tiny-random` builds the tiny offline Qwen2.5-VL of `cgpo_trl.testing` instead."""
+        if name_or_path == TINY_MODEL:
+            from cgpo_trl.testing import build_tiny_vlm
+
+            model, processor = build_tiny_vlm()
+            return cls(model.to(device), processor, **kwargs)
         from cgpo_trl.models import load_model_and_processor
 
         model, processor = load_model_and_processor(name_or_path, dtype=dtype, device=device)
