@@ -112,6 +112,8 @@ def test_sis_round_trip_with_coco_json(tmp_path, synthetic, name):
     assert (split / "test.json").is_file() and (split / BENCHMARKS[name].layouts[0][0]).is_dir()
     loaded = load_benchmark(name, split)
     assert len(loaded) == 3
+    # The dataset folder (or its parent) plus `split` finds the same rows.
+    assert load_benchmark(name, tmp_path, split="test")["instances"] == loaded["instances"]
     for original, row in zip(source, loaded):
         assert row["task"] == "sis" and row["masks"] == []
         np.testing.assert_array_equal(_array(row["images"][0]), _array(original["images"][0]))
@@ -253,6 +255,8 @@ def test_bad_sis_inputs(tmp_path, synthetic):
     (tmp_path / "other.json").write_text("{}")
     with pytest.raises(BenchmarkError, match="several JSON files"):
         load_benchmark("soc", tmp_path)
+    with pytest.raises(BenchmarkError, match=r"unreadable annotation file .*test\.json"):
+        load_benchmark("soc", tmp_path, split="test")  # split picks test.json among the JSON files
     with pytest.raises(BenchmarkError, match="not COCO instances JSON"):
         load_benchmark("soc", tmp_path, annotations=tmp_path / "other.json")
 

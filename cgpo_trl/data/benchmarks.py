@@ -302,7 +302,9 @@ def _load_cosod(spec: BenchmarkSpec, data_dir: Path, problems: _Problems) -> dic
     return columns
 
 
-def _find_annotations(spec: BenchmarkSpec, data_dir: Path, annotations: str | os.PathLike | None) -> Path:
+def _find_annotations(
+    spec: BenchmarkSpec, data_dir: Path, annotations: str | os.PathLike | None, split: str | None = None
+) -> Path:
     if annotations is not None:
         path = Path(annotations)
         if not path.is_file():
@@ -310,6 +312,8 @@ def _find_annotations(spec: BenchmarkSpec, data_dir: Path, annotations: str | os
         return path
     for root in _dataset_roots(spec, data_dir):
         found = sorted(p for p in root.glob("*.json") if p.is_file())
+        if len(found) > 1 and split:
+            found = [p for p in found if split.lower() in p.name.lower()] or found
         if len(found) == 1:
             return found[0]
         if len(found) > 1:
@@ -319,8 +323,10 @@ def _find_annotations(spec: BenchmarkSpec, data_dir: Path, annotations: str | os
     raise BenchmarkError(f"{spec.name}: no COCO annotation *.json in {data_dir}; pass annotations=")
 
 
-def _load_sis(spec: BenchmarkSpec, data_dir: Path, problems: _Problems, annotations=None) -> dict[str, list]:
-    annotation_file = _find_annotations(spec, data_dir, annotations)
+def _load_sis(
+    spec: BenchmarkSpec, data_dir: Path, problems: _Problems, annotations=None, split=None
+) -> dict[str, list]:
+    annotation_file = _find_annotations(spec, data_dir, annotations, split)
     try:
         coco = json.loads(annotation_file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -402,41 +408,57 @@ def _load_sis(spec: BenchmarkSpec, data_dir: Path, problems: _Problems, annotati
 
 
 def load_benchmark(
-    name: str, data_dir: str | os.PathLike, skip_bad: bool = False, annotations: str | os.PathLike | None = None
+    name: str,
+    data_dir: str | os.PathLike,
+    skip_bad: bool = False,
+    annotations: str | os.PathLike | None = None,
+    split: str | None = None,
 ) -> Dataset:
     """Load benchmark `name` (see `list_benchmarks()`) from `data_dir` into contract rows with lazy images.
 
     Bad items (unpaired files, unreadable files, masks of the wrong size or mode, empty groups, bad annotations)
     raise `BenchmarkError` naming the file; with `skip_bad=True` they are skipped and one warning gives the count.
-    `annotations` overrides the SIS annotation JSON.
+    `annotations` overrides the SIS annotation JSON. SOD and CoSOD sets name their split (`duts-tr` / `duts-te`), so
+    `split` only matters for SIS sets: a `<split>` subfolder of `data_dir` (e.g. `SOC/test`) is entered when it
+    exists, and among several JSON files the one whose name contains `split` is used.
     """
     spec = get_benchmark_spec(name)
     root = Path(data_dir)
     if not root.is_dir():
         raise BenchmarkError(f"{spec.name}: data_dir {root} is not a directory")
+    if spec.task == "sis" and split:
+        for base in _dataset_roots(spec, root):
+            folder = _child(base, split)
+            if folder is not None and folder.is_dir():
+                root = folder
+                break
     problems = _Problems(spec.name, skip_bad)
     if spec.task == "sod":
         columns = _load_sod(spec, root, problems)
     elif spec.task == "cosod":
         columns = _load_cosod(spec, root, problems)
     else:
-        columns = _load_sis(spec, root, problems, annotations)
+        columns = _load_sis(spec, root, problems, annotations, split)
     problems.finish()
     return Dataset.from_dict(columns, features=ROW_FEATURES)
 
 
 def load_saliency_dataset(
-    name: str, data_dir: str | os.PathLike | None = None, skip_bad: bool = False, **synthetic
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    skip_bad: bool = False,
+    split: str | None = None,
+    **synthetic,
 ) -> Dataset:
     """One entry point for recipes and CLIs: `synthetic-sod|sis|cosod` generates the synthetic benchmark
     (keyword arguments go to `SyntheticConfig`), any other name loads a public benchmark from `data_dir`."""
     if name.startswith("synthetic-"):
         from .synthetic import generate_synthetic
 
-        return generate_synthetic(task=name.removeprefix("synthetic-"), **synthetic)
+        return generate_synthetic(task=name.removeprefix("synthetic-"), split=split or "train", **synthetic)
     if data_dir is None:
         raise BenchmarkError(f"benchmark {name!r} needs data_dir")
-    return load_benchmark(name, data_dir, skip_bad=skip_bad)
+    return load_benchmark(name, data_dir, skip_bad=skip_bad, split=split)
 
 
 # ------------------------------------------------------------------------------------------------------- writer
