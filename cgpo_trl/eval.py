@@ -46,7 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                 help="evaluate the names found on both sides and count the others, instead of failing",
             )
             p.add_argument(
-                "--workers", type=int, default=None, help="scoring processes (default: CPU count, at most 8 and one per 128 files)"
+                "--workers",
+                type=int,
+                default=None,
+                help="scoring processes (default: CPU count, at most 8 and one per 128 files)",
             )
             p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
 
@@ -253,7 +256,7 @@ def _with_names_and_gt(dataset, task: str):
 def run_report(config: ReportConfig) -> dict:
     """Predict and score every dataset of `config`; write report.md, report.json and examples.png."""
     from cgpo_trl.data.benchmarks import load_saliency_dataset
-    from cgpo_trl.predict import PredictConfig, VLMGenerator, predict_rows
+    from cgpo_trl.predict import PredictConfig, VLMGenerator, predict_rows, safe_name
     from cgpo_trl.saliency.segmenters import load_segmenter
 
     out = Path(config.output_dir)
@@ -283,7 +286,7 @@ def run_report(config: ReportConfig) -> dict:
         dataset, gt_root = _with_names_and_gt(dataset, task)
         if config.answers == "reference" and not all(dataset["solution"]):
             raise ReportConfigError(f"dataset {label}: answers: reference needs a `solution` in every row")
-        target = out / safe_label(label)
+        target = out / safe_name(label)
         summary = predict_rows(
             dataset,
             generate,
@@ -323,12 +326,6 @@ def run_report(config: ReportConfig) -> dict:
         example_grid(examples).save(out / "examples.png")
     print(format_report(report))
     return report
-
-
-def safe_label(label: str) -> str:
-    from cgpo_trl.predict import safe_name
-
-    return safe_name(label)
 
 
 def format_report(report: dict) -> str:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import re
 import textwrap
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,41 +173,52 @@ def image_names(row: dict, index: int) -> list[str]:
     return [row_key(row, index)]
 
 
-def rows_from_folder(folder: str | Path, task: str) -> list[dict]:
-    """Rows (task, images, names, group) for a folder of images; CoSOD reads one sub-folder per group."""
+def rows_from_folder(folder: str | Path, task: str):
+    """A `datasets.Dataset` of rows (task, images, names, group) for a folder of images, decoded lazily per row.
+
+    SOD / SIS take every image file in `folder`; CoSOD one sub-folder per group. Every file's header is checked
+    here, so an unreadable image fails before any generation, naming the file.
+    """
+    from datasets import Dataset, Features, List, Value
+    from datasets import Image as ImageFeature
+
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"images folder not found: {folder}")
 
-    def images_in(directory: Path) -> list[Path]:
-        return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    def images_in(directory: Path) -> list[str]:
+        paths = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        for path in paths:
+            try:
+                with Image.open(path) as image:
+                    image.verify()
+            except Exception as err:  # PIL raises many types for corrupt files
+                raise ValueError(f"cannot read image {path}: {err}") from None
+        return [str(p) for p in paths]
 
-    def open_image(path: Path) -> Image.Image:
-        try:
-            with Image.open(path) as image:
-                return image.convert("RGB")
-        except OSError as err:
-            raise ValueError(f"cannot read image {path}: {err}") from None
-
-    rows = []
     if task == "cosod":
-        for group in sorted(p for p in folder.iterdir() if p.is_dir()):
-            paths = images_in(group)
-            if paths:
-                rows.append(
-                    dict(
-                        task=task,
-                        group=group.name,
-                        images=[open_image(p) for p in paths],
-                        names=[p.stem for p in paths],
-                    )
-                )
+        groups = [(g.name, images_in(g)) for g in sorted(p for p in folder.iterdir() if p.is_dir())]
+        groups = [(name, paths) for name, paths in groups if paths]
     else:
-        rows = [dict(task=task, images=[open_image(p)], name=p.stem) for p in images_in(folder)]
-    if not rows:
+        groups = [("", [path]) for path in images_in(folder)]
+    if not groups:
         layout = "<group>/<image>" if task == "cosod" else "<image>"
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder} (expected {layout})")
-    return rows
+    features = Features(
+        {
+            "task": Value("string"),
+            "group": Value("string"),
+            "images": List(ImageFeature(mode="RGB")),
+            "names": List(Value("string")),
+        }
+    )
+    columns = {
+        "task": [task] * len(groups),
+        "group": [name for name, _ in groups],
+        "images": [paths for _, paths in groups],
+        "names": [[Path(p).stem for p in paths] for _, paths in groups],
+    }
+    return Dataset.from_dict(columns, features=features)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -315,28 +326,30 @@ def _write_ground_truth(row: dict, index: int, names: list[str], out: Path) -> N
                 _save_png(mask.convert("L"), path)
 
 
-def _coco_ground_truth(rows: Iterable[tuple[int, dict]]) -> dict | None:
-    images, annotations = [], []
-    for index, row in rows:
-        if row["task"] != "sis" or row.get("instances") is None:
-            continue
-        image = row["images"][0]
-        image_id = _image_id(row, index)
-        images.append(
-            {"id": image_id, "file_name": f"{row_key(row, index)}.png", "height": image.height, "width": image.width}
-        )
-        for rle in row["instances"]:
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": 1,
-                    "segmentation": {"size": list(rle["size"]), "counts": rle["counts"]},
-                    "iscrowd": 0,
-                }
-            )
-    if not images:
-        return None
+def _coco_image(row: dict, index: int) -> tuple[dict, list[dict]]:
+    """A SIS row's COCO `images` entry and its ground-truth instances (RLE)."""
+    image = row["images"][0]
+    entry = {
+        "id": _image_id(row, index),
+        "file_name": f"{row_key(row, index)}.png",
+        "height": image.height,
+        "width": image.width,
+    }
+    return entry, list(row["instances"])
+
+
+def _coco_ground_truth(entries: list[tuple[dict, list[dict]]]) -> dict:
+    annotations = [
+        {
+            "id": n,
+            "image_id": image["id"],
+            "category_id": 1,
+            "segmentation": {"size": list(rle["size"]), "counts": rle["counts"]},
+            "iscrowd": 0,
+        }
+        for n, (image, rle) in enumerate(((image, rle) for image, rles in entries for rle in rles), 1)
+    ]
+    images = [image for image, _ in entries]
     return {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "salient"}]}
 
 
@@ -398,6 +411,7 @@ def predict_rows(
     records_path = out / "predictions.jsonl"
     done = _read_records(records_path)
     keys, pending, seen = [], [], set()
+    coco_entries: list[tuple[dict, list[dict]]] = []
     for index in range(len(rows)):
         row = rows[index]
         if row.get("task") not in TASKS:
@@ -409,6 +423,8 @@ def predict_rows(
         keys.append(key)
         if write_ground_truth:
             _write_ground_truth(row, index, image_names(row, index), out)
+            if row["task"] == "sis" and row.get("instances") is not None:
+                coco_entries.append(_coco_image(row, index))
         if key not in done:
             pending.append(index)
 
@@ -468,10 +484,8 @@ def predict_rows(
     ]
     if any(done[key]["task"] == "sis" for key in keys):
         (out / "results.json").write_text(json.dumps(detections))
-    if write_ground_truth:
-        coco = _coco_ground_truth((i, rows[i]) for i in range(len(rows)) if rows[i]["task"] == "sis")
-        if coco is not None:
-            (out / "annotations.json").write_text(json.dumps(coco))
+    if coco_entries:
+        (out / "annotations.json").write_text(json.dumps(_coco_ground_truth(coco_entries)))
     return PredictionSummary(
         output_dir=out,
         num_rows=len(rows),
