@@ -178,3 +178,15 @@ def _copy(value):
         return [(mask.copy(), score) for mask, score in value]
     mask, score = value
     return mask.copy(), score
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def torch_dtype(name: str):
+    """The torch dtype for a backend's `dtype` option, with an error naming the accepted values."""
+    import torch
+
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {name!r}")
+    return getattr(torch, name)
