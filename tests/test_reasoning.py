@@ -353,3 +353,49 @@ def test_local_vlm_teacher_generates_and_caches(tmp_path, sod):
     assert stats.rows == 2 and stats.kept + stats.reasoning_rejected_rows == 2
     for text in built["solution"]:
         assert parse_answer(text, task="sod").ok
+
+
+class OracleTeacher(Teacher):
+    """Answers expression requests from a table keyed by the first highlighted image's pixels."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def __call__(self, requests):
+        return [
+            self.table.get(_pixels_key(r.images[0]), "the purple blob") if r.kind == "expression" else "I look."
+            for r in requests
+        ]
+
+
+@pytest.mark.parametrize("task, name", [("sis", "soc"), ("cosod", "coca")])
+def test_real_sis_and_cosod_rows_get_checked_expressions(tmp_path, segmenter, task, name):
+    from cgpo_trl.data.rows import decode_instance
+
+    source = generate_synthetic(task=task, num_samples=3, seed=5, group_size=(3, 3))
+    save_benchmark(source, name, tmp_path)
+    real = load_benchmark(name, tmp_path)
+    table = {}
+    for row, original in zip(real, source):
+        if task == "sis":
+            for rle, expression in zip(row["instances"], original["expressions"]):
+                table[_pixels_key(highlight(row["images"][0], decode_instance(rle)))] = expression
+        else:
+            first = highlight(row["images"][0], np.asarray(row["masks"][0]) > 127)
+            table[_pixels_key(first)] = original["expressions"][0]
+    built, stats = build_reasoning_dataset(real, OracleTeacher(table), segmenter, num_candidates=1, progress=False)
+    targets = sum(len(r["instances"]) for r in real) if task == "sis" else 3
+    assert stats.answer_requests == targets == stats.expressions_accepted and stats.kept == 3
+    by_group = {row["group"]: row for row in source}
+    for row, original in zip(built, real):
+        want = by_group[original["group"]]["expressions"] if task == "cosod" else None
+        parsed = parse_answer(row["solution"], task=task)
+        assert parsed.ok and len(row["images"]) == len(original["images"])
+        if task == "cosod":
+            assert parsed.regions == want
+    # A wrong expression for one SIS instance rejects the whole row.
+    if task == "sis":
+        key = next(iter(table))
+        table[key] = "the purple blob"
+        _, partial = build_reasoning_dataset(real, OracleTeacher(table), segmenter, num_candidates=1, progress=False)
+        assert partial.expressions_accepted == targets - 1 and partial.answer_rejected_rows == 1
