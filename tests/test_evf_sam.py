@@ -15,18 +15,27 @@ from PIL import Image
 pytest.importorskip("sentencepiece")
 
 from cgpo_trl.saliency.segmenters import load_segmenter  # noqa: E402
-from cgpo_trl.saliency.segmenters.evf import EvfSamConfig, EvfSamModel, EvfTokenizer  # noqa: E402
-from cgpo_trl.saliency.segmenters.evf.keys import ours_to_published, published_to_ours  # noqa: E402
+from cgpo_trl.saliency.segmenters.evf import (  # noqa: E402
+    EvfSam2Model,
+    EvfSamConfig,
+    EvfSamModel,
+    EvfTokenizer,
+    build_model,
+    from_pretrained,
+)
+from cgpo_trl.saliency.segmenters.evf.keys import SAM1_KEYS, SAM2_KEYS  # noqa: E402
 from cgpo_trl.saliency.segmenters.evf.model import load_weights  # noqa: E402
 from cgpo_trl.saliency.segmenters.evf.processing import (  # noqa: E402
     SAM_PIXEL_MEAN,
     SAM_PIXEL_STD,
     beit3_pixels,
     resized_shape,
+    sam2_pixels,
     sam_pixels,
     upsample_logits,
+    upsample_logits_sam2,
 )
-from cgpo_trl.saliency.segmenters.evf.tiny import TINY_CONFIG, save_tiny_checkpoint  # noqa: E402
+from cgpo_trl.saliency.segmenters.evf.tiny import TINY_CONFIG, TINY_SAM2_CONFIG, save_tiny_checkpoint  # noqa: E402
 from cgpo_trl.saliency.segmenters.evf_sam import EvfSamSegmenter  # noqa: E402
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -80,21 +89,56 @@ def noise_image(height: int, width: int, seed: int = 0) -> Image.Image:
 # --- published layout ------------------------------------------------------------------------------------------------
 
 
-def test_full_size_keys_match_the_published_checkpoint():
-    config = EvfSamConfig.from_dict(PUBLISHED_CONFIG)
+@pytest.mark.parametrize(
+    ("sam_scale", "model_class", "fixture", "count", "numel"),
+    [
+        ("huge", EvfSamModel, "evf_sam_keys.txt", 1569, 1_315_105_328),
+        ("large", EvfSam2Model, "evf_sam2_keys.txt", 1875, 898_444_850),
+    ],
+)
+def test_full_size_keys_match_the_published_checkpoint(sam_scale, model_class, fixture, count, numel):
+    config = EvfSamConfig.from_dict({**PUBLISHED_CONFIG, "sam_scale": sam_scale})
     with torch.device("meta"):
-        model = EvfSamModel(config)
+        model = build_model(config)
+    assert type(model) is model_class
     published = model.published_state_dict()
-    expected = read_key_fixture("evf_sam_keys.txt")
+    expected = read_key_fixture(fixture)
     ours = key_set(published)
     assert ours == expected, f"missing {sorted(expected - ours)[:5]}, unexpected {sorted(ours - expected)[:5]}"
-    assert len(published) == 1569
-    assert sum(value.numel() for value in published.values()) == 1_315_105_328
-    assert published_to_ours(published).keys() == model.state_dict().keys()
+    assert len(published) == count
+    assert sum(value.numel() for value in published.values()) == numel
+    assert model.keys.published_to_ours(published).keys() == model.state_dict().keys()
+
+
+def test_sam2_key_mapping_examples():
+    points = {
+        f"visual_model.sam_prompt_encoder.point_embeddings.{i}.weight": torch.full((1, 2), float(i)) for i in range(4)
+    }
+    mapped = SAM2_KEYS.published_to_ours(
+        {
+            **points,
+            "visual_model.memory_encoder.fuser.layers.1.weight": 1,
+            "visual_model.image_encoder.trunk.blocks.3.mlp.layers.1.bias": 2,
+            "visual_model.sam_mask_decoder.transformer.layers.0.cross_attn_image_to_token.out_proj.weight": 3,
+            "visual_model.memory_encoder.mask_downsampler.encoder.10.bias": 4,
+        }
+    )
+    assert torch.equal(
+        mapped.pop("visual_model.prompt_encoder.point_embed.weight"), torch.arange(4.0)[:, None].repeat(1, 2)
+    )
+    assert mapped == {
+        "visual_model.memory_encoder.memory_fuser.layers.1.scale": 1,
+        "visual_model.vision_encoder.backbone.blocks.3.mlp.proj_out.bias": 2,
+        "visual_model.mask_decoder.transformer.layers.0.cross_attn_image_to_token.o_proj.weight": 3,
+        "visual_model.memory_encoder.mask_downsampler.layers.3.layer_norm.bias": 4,
+    }
+    stacked = {"visual_model.prompt_encoder.point_embed.weight": torch.arange(4.0)[:, None].repeat(1, 2)}
+    split = SAM2_KEYS.ours_to_published(stacked)
+    assert split.keys() == points.keys() and all(torch.equal(split[k], points[k]) for k in points)
 
 
 def test_key_mapping_examples():
-    mapped = published_to_ours(
+    mapped = SAM1_KEYS.published_to_ours(
         {
             "visual_model.image_encoder.blocks.7.norm1.weight": 1,
             "visual_model.mask_decoder.output_hypernetworks_mlps.2.layers.1.bias": 2,
@@ -109,7 +153,7 @@ def test_key_mapping_examples():
         "visual_model.shared_image_embedding.positional_embedding": 3,
         "mm_extractor.beit3.encoder.layers.0.ffn.A.fc1.weight": 4,
     }
-    assert set(ours_to_published(mapped)) == {
+    assert set(SAM1_KEYS.ours_to_published(mapped)) == {
         "visual_model.image_encoder.blocks.7.norm1.weight",
         "visual_model.mask_decoder.output_hypernetworks_mlps.2.layers.1.bias",
         "visual_model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix",
@@ -130,14 +174,14 @@ def test_tiny_checkpoint_has_the_published_file_layout(checkpoint):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_pytorch_bin_and_safetensors_load_the_same_weights(checkpoint, tmp_path, dtype):
-    model = EvfSamModel.from_pretrained(checkpoint, dtype=dtype)
+    model = from_pretrained(checkpoint, dtype=dtype)
     assert {p.dtype for p in model.parameters()} == {dtype}
     assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
     for name in ("sentencepiece.bpe.model", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(os.path.join(checkpoint, name), tmp_path / name)
     model.save_pretrained(tmp_path, safe_serialization=False)
     assert os.path.isfile(tmp_path / "pytorch_model.bin") and not os.path.exists(tmp_path / "model.safetensors")
-    reloaded = EvfSamModel.from_pretrained(tmp_path, dtype=dtype)
+    reloaded = from_pretrained(tmp_path, dtype=dtype)
     for (key, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items()):
         assert torch.equal(a, b), key
 
@@ -173,14 +217,17 @@ def test_config_errors_name_the_file_and_field(tmp_path):
     path.write_text(json.dumps({k: v for k, v in PUBLISHED_CONFIG.items() if k != "sam_scale"}))
     with pytest.raises(ValueError, match=r"config.json: field 'sam_scale' is missing"):
         EvfSamConfig.from_json_file(path)
-    path.write_text(json.dumps({**PUBLISHED_CONFIG, "sam_scale": "large"}))
-    with pytest.raises(NotImplementedError, match=r"EVF-SAM2"):
+    path.write_text(json.dumps({**PUBLISHED_CONFIG, "sam_scale": "base+"}))
+    with pytest.raises(ValueError, match=r"sam_scale must be one of \['huge', 'large'\], got 'base\+'"):
+        EvfSamConfig.from_json_file(path)
+    path.write_text(json.dumps({**PUBLISHED_CONFIG, "sam": {"backbone": {}}}))
+    with pytest.raises(ValueError, match=r"unknown sam fields \['backbone'\]"):
         EvfSamConfig.from_json_file(path)
     path.write_text(json.dumps({**PUBLISHED_CONFIG, "hidden_size": 768}))
     with pytest.raises(ValueError, match=r"hidden_size=768 must equal the BEiT-3 width 1024"):
         EvfSamConfig.from_json_file(path)
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        EvfSamModel.from_pretrained(tmp_path / "missing")
+        from_pretrained(tmp_path / "missing")
 
 
 # --- pre- and post-processing -----------------------------------------------------------------------------------------
@@ -224,6 +271,25 @@ def test_image_preprocessing_values():
     view = beit3_pixels(grey, 32)
     assert view.shape == (3, 32, 32)
     assert torch.allclose(view[:, 5, 7], torch.tensor([128, 64, 255]) / 255 * 2 - 1, atol=1e-6)
+
+
+def test_sam2_preprocessing_stretches_the_image():
+    image = Image.new("RGB", (30, 20), (128, 64, 255))
+    expected = torch.tensor([(v - m) / s for v, m, s in zip((128, 64, 255), SAM_PIXEL_MEAN, SAM_PIXEL_STD)])
+    for legacy in (False, True):
+        pixels = sam2_pixels(image, 64, legacy=legacy)
+        assert pixels.shape == (3, 64, 64)  # no padding: the whole square is image
+        assert torch.allclose(pixels[:, 0, 0], expected, atol=1e-5) and torch.allclose(
+            pixels[:, 63, 63], expected, atol=1e-5
+        )
+    stripes = np.zeros((4, 4, 3), np.uint8)
+    stripes[:, 2:] = 255
+    current = sam2_pixels(Image.fromarray(stripes), 8)  # bilinear on uint8 keeps 0 and 255 away from the edge
+    assert torch.allclose(current[0, :, 0], torch.tensor(-SAM_PIXEL_MEAN[0] / SAM_PIXEL_STD[0]))
+    logits = torch.zeros(16, 16)
+    logits[:, 8:] = 1.0
+    full = upsample_logits_sam2(logits, (10, 30))
+    assert full.shape == (10, 30) and bool((full[:, :12] <= 0).all()) and bool((full[:, 18:] > 0).all())
 
 
 def test_mask_upsampling_crops_the_padding():
@@ -301,3 +367,63 @@ def test_load_segmenter_caches_and_rejects_bad_arguments(checkpoint, tmp_path):
 def test_tiny_config_is_smaller_than_published():
     config = EvfSamConfig.from_dict(TINY_CONFIG)
     assert config.beit3_config().embed_dim == 32 and config.sam_config().vision_config.image_size == 64
+    assert EvfSamConfig.from_dict(TINY_SAM2_CONFIG).sam_config().image_size == 64
+
+
+# --- EVF-SAM2 ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sam2_checkpoint(tmp_path_factory) -> str:
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("evf2") / "tiny-evf-sam2", sam2=True)
+
+
+def test_sam2_checkpoint_loads_strictly_and_segments(sam2_checkpoint):
+    _, state_dict = load_weights(sam2_checkpoint)
+    assert "visual_model.memory_encoder.fuser.layers.0.weight" in state_dict  # published names, memory included
+    images = [noise_image(50, 70), noise_image(30, 20, seed=1)]
+    texts = ["the red circle", "the large blue star"]
+    for evf_code, multimask in (("current", True), ("legacy", False)):
+        segmenter = EvfSamSegmenter(checkpoint=sam2_checkpoint, evf_code=evf_code)
+        assert isinstance(segmenter.model, EvfSam2Model) and segmenter.model.multimask is multimask
+        results = segmenter.segment(images, texts)
+        assert [mask.shape for mask, _ in results] == [(50, 70), (30, 20)]
+        model = segmenter.model
+        for image, text, (mask, score) in zip(images, texts, results):
+            ids, padding = segmenter.tokenizer([text])
+            pixels = sam2_pixels(image, model.sam_image_size, legacy=not multimask)
+            with torch.no_grad():
+                low, iou = model(pixels[None], beit3_pixels(image, model.beit3_image_size)[None], ids, padding)
+            expected = upsample_logits_sam2(low[0], (image.height, image.width)) > 0
+            np.testing.assert_array_equal(mask, expected.float().numpy())
+            assert 0.0 <= score <= 1.0 and score == pytest.approx(float(iou[0]), abs=1e-6)
+
+
+def test_sam2_multimask_keeps_the_best_predicted_iou(sam2_checkpoint):
+    model = from_pretrained(sam2_checkpoint, multimask=True)
+    features = model.image_features(sam2_pixels(noise_image(64, 64), 64)[None])
+    prompts = torch.randn(1, TINY_SAM2_CONFIG["out_dim"])
+    with torch.no_grad():
+        low, iou = model.decode(features, prompts)
+        *high_resolution, embeddings = features
+        sam = model.visual_model
+        masks, ious, _, _ = sam.mask_decoder(
+            image_embeddings=embeddings,
+            image_positional_embeddings=sam.get_image_wide_positional_embeddings(),
+            sparse_prompt_embeddings=prompts[:, None, None],
+            dense_prompt_embeddings=sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, 4, 4),
+            multimask_output=True,
+            high_resolution_features=high_resolution,
+        )
+    best = int(ious[0, 0].argmax())
+    assert ious.shape == (1, 1, 3)
+    assert torch.equal(low[0], masks[0, 0, best]) and float(iou[0]) == float(ious[0, 0].max())
+
+
+def test_evf_code_auto_follows_the_multitask_token(sam2_checkpoint, tmp_path):
+    assert EvfSamSegmenter(checkpoint=sam2_checkpoint).legacy  # no [semantic] token: released before 9d00853
+    shutil.copytree(sam2_checkpoint, tmp_path / "multitask")
+    (tmp_path / "multitask" / "added_tokens.json").write_text(json.dumps({"[semantic]": 62}))
+    assert not EvfSamSegmenter(checkpoint=tmp_path / "multitask").legacy
+    with pytest.raises(ValueError, match="evf_code must be"):
+        EvfSamSegmenter(checkpoint=sam2_checkpoint, evf_code="new")

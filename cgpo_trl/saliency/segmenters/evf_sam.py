@@ -1,8 +1,9 @@
 """`evf-sam` backend: EVF-SAM, the referring segmenter Saliency-R1 uses, from its published Hugging Face weights.
 
-Region mode returns, per pair, the mask of the single-mask output (`logits > 0` as the official `inference.py`, as a
-float32 0/1 map; `soft_masks=True` gives `sigmoid(logits)` instead) and the decoder's predicted IoU clipped to
-[0, 1] as the score. Instance mode splits that mask into 8-connected components of at least `min_instance_area`
+Both published families load: EVF-SAM (SAM ViT-H) and EVF-SAM2 (SAM-2 Hiera-L), chosen by the checkpoint's
+`config.json`. Region mode returns, per pair, the mask the official `inference.py` keeps (`logits > 0`, as a float32
+0/1 map; `soft_masks=True` gives `sigmoid(logits)` instead) and the decoder's predicted IoU clipped to [0, 1] as the
+score. Instance mode splits that mask into 8-connected components of at least `min_instance_area`
 pixels, largest first, each scored `region score * component area / foreground area`: EVF-SAM has no instance
 head, and a fragment that covers little of the mask is a weak instance.
 """
@@ -60,17 +61,22 @@ def resolve_checkpoint(checkpoint: str | os.PathLike, revision: str | None = Non
 
 @register_segmenter("evf-sam")
 class EvfSamSegmenter(ReferringSegmenter):
-    """EVF-SAM (SAM ViT-H + BEiT-3-large) behind the `ReferringSegmenter` protocol.
+    """EVF-SAM (SAM ViT-H or SAM-2 Hiera-L, with BEiT-3-large) behind the `ReferringSegmenter` protocol.
 
     Args:
         checkpoint: local directory in the published layout, or a Hub id (`YxZhang/evf-sam`,
-            `YxZhang/evf-sam-multitask`).
+            `YxZhang/evf-sam-multitask`, `YxZhang/evf-sam2`, `YxZhang/evf-sam2-multitask`).
         device: torch device for the model.
         dtype: "float32" (CPU), "bfloat16" or "float16" (GPU); the published weights are float16.
         batch_size: pairs per forward pass; pairs that share an image in a batch share one SAM image encoding.
         soft_masks: return `sigmoid(logits)` instead of the official binary `logits > 0` mask.
         min_instance_area: smallest connected component (pixels) kept as an instance.
         revision: Hub revision (branch, tag or commit) when `checkpoint` is a repo id.
+        evf_code: which official inference code to reproduce for EVF-SAM2 checkpoints: "current" (commit 9d00853
+            and later: best of three masks by predicted IoU, image stretched as uint8), "legacy" (before it, which
+            the non-multitask checkpoints were released with: single mask with stability fallback, longest-side
+            resize then stretch), or "auto": "current" when the tokenizer has the multitask `[semantic]` token,
+            else "legacy". EVF-SAM (SAM-1) inference is the same in both.
     """
 
     def __init__(
@@ -82,16 +88,23 @@ class EvfSamSegmenter(ReferringSegmenter):
         soft_masks: bool = False,
         min_instance_area: int = 16,
         revision: str | None = None,
+        evf_code: str = "auto",
     ):
-        from .evf import EvfSamModel, EvfTokenizer
+        from .evf import EvfTokenizer, from_pretrained
 
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if evf_code not in ("auto", "current", "legacy"):
+            raise ValueError(f"evf_code must be 'auto', 'current' or 'legacy', got {evf_code!r}")
         directory = resolve_checkpoint(checkpoint, revision)
         self.tokenizer = EvfTokenizer.from_pretrained(directory)
-        self.model = EvfSamModel.from_pretrained(directory, dtype=DTYPES[dtype], device=device)
+        if evf_code == "auto":
+            evf_code = "current" if "[semantic]" in self.tokenizer.added_tokens else "legacy"
+        self.legacy = evf_code == "legacy"
+        self.model = from_pretrained(directory, dtype=DTYPES[dtype], device=device, multimask=not self.legacy)
+        self.is_sam2 = self.model.config.is_sam2
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
         self.batch_size = batch_size
@@ -107,25 +120,32 @@ class EvfSamSegmenter(ReferringSegmenter):
 
     @torch.inference_mode()
     def _segment_batch(self, images: Sequence[Image.Image], expressions: Sequence[str]) -> list[RegionResult]:
-        from .evf.processing import beit3_pixels, sam_pixels, upsample_logits
+        from .evf.processing import beit3_pixels, sam2_pixels, sam_pixels, upsample_logits, upsample_logits_sam2
 
-        model = self.model
+        model, size = self.model, self.model.sam_image_size
         digests = [image_digest(image) for image in images]
-        unique = {digest: index for index, digest in reversed(list(enumerate(digests)))}  # first pair per image
-        order = list(unique)
-        sam_inputs = [sam_pixels(images[unique[digest]], model.sam_image_size) for digest in order]
-        embeddings = model.image_embeddings(self._to_model(torch.stack([pixels for pixels, _ in sam_inputs])))
-        embeddings = embeddings[[order.index(digest) for digest in digests]]
-        resized = [sam_inputs[order.index(digest)][1] for digest in digests]
+        order = list(dict.fromkeys(digests))  # each distinct image is encoded once
+        first = [digests.index(digest) for digest in order]
+        if self.is_sam2:
+            sam_inputs = [sam2_pixels(images[index], size, legacy=self.legacy) for index in first]
+        else:
+            sam_inputs, resized = zip(*(sam_pixels(images[index], size) for index in first))
+        features = model.image_features(self._to_model(torch.stack(list(sam_inputs))))
+        pair_rows = torch.tensor([order.index(digest) for digest in digests], device=self.device)
+        features = [feature.index_select(0, pair_rows) for feature in features]
 
         pixels = self._to_model(torch.stack([beit3_pixels(image, model.beit3_image_size) for image in images]))
         input_ids, padding = self.tokenizer(list(expressions), max_length=model.max_text_tokens)
         prompts = model.prompt_embeddings(pixels, input_ids.to(self.device), padding.to(self.device))
-        low_res, iou = model.decode(embeddings, prompts)
+        low_res, iou = model.decode(features, prompts)
 
         results = []
         for index, image in enumerate(images):
-            logits = upsample_logits(low_res[index], model.sam_image_size, resized[index], (image.height, image.width))
+            original = (image.height, image.width)
+            if self.is_sam2:
+                logits = upsample_logits_sam2(low_res[index], original)
+            else:
+                logits = upsample_logits(low_res[index], size, resized[order.index(digests[index])], original)
             mask = torch.sigmoid(logits) if self.soft_masks else (logits > 0).float()
             results.append((mask.cpu().numpy().astype(np.float32), float(iou[index].float().clamp(0, 1))))
         return results

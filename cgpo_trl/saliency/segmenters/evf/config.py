@@ -1,8 +1,9 @@
 """EVF-SAM checkpoint configuration: the published `config.json` (model_type "evf") and the sizes it implies.
 
-Published configs name sizes by scale only (`sam_scale: "huge"`, `mm_extractor_scale: "large"`); the numbers behind
-each scale are fixed by the official code (`build_sam_vit_h`, BEiT-3 `_get_large_config`). Two optional fields that
-published configs never carry, `beit3` and `sam`, override those numbers so tests can build tiny models offline.
+Published configs name sizes by scale only (`sam_scale: "huge"` for EVF-SAM, `"large"` for EVF-SAM2;
+`mm_extractor_scale: "large"`); the numbers behind each scale are fixed by the official code (`build_sam_vit_h`,
+`sam2_hiera_l.yaml`, BEiT-3 `_get_large_config`). Two optional fields that published configs never carry, `beit3`
+and `sam`, override those numbers so tests can build tiny models offline.
 """
 
 from __future__ import annotations
@@ -45,9 +46,22 @@ SAM_SCALES: dict[str, dict[str, Any]] = {
     },
 }
 
-# SAM-2 scales belong to the EVF-SAM2 checkpoints (`YxZhang/evf-sam2*`), whose image encoder (Hiera) and memory
-# modules this backend does not build.
-SAM2_SCALES = ("tiny", "small", "base+", "large")
+# SAM-2 image encoders by `sam_scale` (EvfSam2Model: `sam2_hiera_l.yaml`; the official code also names "tiny" but no
+# checkpoint uses it), as transformers `Sam2HieraDetConfig` / `Sam2VisionConfig` fields.
+SAM2_SCALES: dict[str, dict[str, dict[str, Any]]] = {
+    "large": {
+        "backbone": {
+            "hidden_size": 144,
+            "embed_dim_per_stage": [144, 288, 576, 1152],
+            "num_attention_heads_per_stage": [2, 4, 8, 16],
+            "blocks_per_stage": [2, 6, 36, 4],
+            "global_attention_blocks": [23, 33, 43],
+            "window_positional_embedding_background_size": [7, 7],
+            "window_size_per_stage": [8, 4, 16, 8],
+        },
+        "vision": {"backbone_channel_list": [1152, 576, 288, 144]},
+    },
+}
 
 
 @dataclass
@@ -63,8 +77,9 @@ class EvfSamConfig:
     beit3: dict[str, Any] | None = None
     """Overrides of `Beit3Config` fields (tiny test models only; absent from published configs)."""
     sam: dict[str, Any] | None = None
-    """Overrides of SAM sizes: keys `vision` (transformers `SamVisionConfig` fields) and `mask_decoder`
-    (`SamMaskDecoderConfig` fields) (tiny test models only; absent from published configs)."""
+    """Overrides of SAM sizes (tiny test models only; absent from published configs), as transformers config fields:
+    SAM-1 keys `vision` (`SamVisionConfig`) and `mask_decoder` (`SamMaskDecoderConfig`); SAM-2 keys `backbone`
+    (`Sam2HieraDetConfig`), `vision` (`Sam2VisionConfig`), `mask_decoder` and `model` (`Sam2VideoConfig`)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """The other fields of the published config (token ids, dtype, architectures), written back unchanged."""
 
@@ -101,14 +116,15 @@ class EvfSamConfig:
         data.update({k: v for k, v in asdict(self).items() if k != "extra" and v is not None})
         return data
 
+    @property
+    def is_sam2(self) -> bool:
+        """EVF-SAM2 (SAM-2 Hiera image encoder) rather than EVF-SAM (SAM ViT)."""
+        return self.sam_scale in SAM2_SCALES
+
     def validate(self, source: str = "config") -> None:
-        if self.sam_scale in SAM2_SCALES:
-            raise NotImplementedError(
-                f"{source}: sam_scale={self.sam_scale!r} is an EVF-SAM2 checkpoint (SAM-2 Hiera image encoder); "
-                "this backend supports the SAM-1 checkpoints YxZhang/evf-sam and YxZhang/evf-sam-multitask"
-            )
-        if self.sam_scale not in SAM_SCALES:
-            raise ValueError(f"{source}: sam_scale must be one of {sorted(SAM_SCALES)}, got {self.sam_scale!r}")
+        scales = sorted(SAM_SCALES) + sorted(SAM2_SCALES)
+        if self.sam_scale not in scales:
+            raise ValueError(f"{source}: sam_scale must be one of {scales}, got {self.sam_scale!r}")
         if self.mm_extractor_scale not in BEIT3_SCALES:
             raise ValueError(
                 f"{source}: mm_extractor_scale must be one of {sorted(BEIT3_SCALES)}, got {self.mm_extractor_scale!r}"
@@ -116,9 +132,10 @@ class EvfSamConfig:
         unknown = set(self.beit3 or {}) - {f.name for f in fields(Beit3Config)}
         if unknown:
             raise ValueError(f"{source}: unknown beit3 fields {sorted(unknown)}")
-        unknown = set(self.sam or {}) - {"vision", "mask_decoder"}
+        allowed = {"backbone", "vision", "mask_decoder", "model"} if self.is_sam2 else {"vision", "mask_decoder"}
+        unknown = set(self.sam or {}) - allowed
         if unknown:
-            raise ValueError(f"{source}: unknown sam fields {sorted(unknown)}; expected 'vision' and 'mask_decoder'")
+            raise ValueError(f"{source}: unknown sam fields {sorted(unknown)}; expected some of {sorted(allowed)}")
         if self.hidden_size != self.beit3_config().embed_dim:
             raise ValueError(
                 f"{source}: hidden_size={self.hidden_size} must equal the BEiT-3 width {self.beit3_config().embed_dim}"
@@ -128,7 +145,10 @@ class EvfSamConfig:
         return replace(BEIT3_SCALES[self.mm_extractor_scale], **(self.beit3 or {}))
 
     def sam_config(self):
-        """transformers `SamConfig` for the SAM-1 part, with the original SAM's layer-norm epsilons."""
+        """transformers config of the SAM part: `SamConfig` (SAM-1) or `Sam2VideoConfig` (SAM-2)."""
+        return self._sam2_config() if self.is_sam2 else self._sam1_config()
+
+    def _sam1_config(self):
         from transformers import SamConfig
 
         overrides = self.sam or {}
@@ -144,3 +164,38 @@ class EvfSamConfig:
         # The original TwoWayTransformer uses nn.LayerNorm's default eps (1e-5); transformers defaults to 1e-6.
         decoder = {"layer_norm_eps": 1e-5, **overrides.get("mask_decoder", {}), "hidden_size": self.out_dim}
         return SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
+
+    def _sam2_config(self):
+        """`Sam2VideoConfig`: the video model because the checkpoints hold SAM-2's memory modules too; SAM 2.1-only
+        parts (object-pointer temporal projection, occlusion embedding) are off, as in `sam2_hiera_*.yaml`."""
+        from transformers import Sam2HieraDetConfig, Sam2VideoConfig, Sam2VisionConfig
+
+        scale, overrides = SAM2_SCALES[self.sam_scale], self.sam or {}
+        backbone = Sam2HieraDetConfig(**{**scale["backbone"], **overrides.get("backbone", {})})
+        image_size = backbone.image_size[0]
+        vision = {
+            "backbone_feature_sizes": [
+                [image_size // 4, image_size // 4],
+                [image_size // 8] * 2,
+                [image_size // 16] * 2,
+            ],
+            **scale["vision"],
+            **overrides.get("vision", {}),
+            "fpn_hidden_size": self.out_dim,
+        }
+        width = self.out_dim
+        return Sam2VideoConfig(
+            vision_config=Sam2VisionConfig(backbone_config=backbone, **vision),
+            prompt_encoder_config={"hidden_size": width, "image_size": image_size, "patch_size": 16},
+            mask_decoder_config={**overrides.get("mask_decoder", {}), "hidden_size": width},
+            image_size=image_size,
+            enable_temporal_pos_encoding_for_object_pointers=False,
+            enable_occlusion_spatial_embedding=False,
+            **{
+                "memory_attention_hidden_size": width,
+                "memory_encoder_hidden_size": width,
+                "mask_downsampler_embed_dim": width,
+                "memory_fuser_embed_dim": width,
+                **overrides.get("model", {}),
+            },
+        )

@@ -1,10 +1,13 @@
-"""EVF-SAM pre- and post-processing, as in the official `inference.py` (SAM-1 model type "ori"), without torchvision.
+"""EVF-SAM pre- and post-processing, as in the official `inference.py`, without torchvision.
 
 - Text: the checkpoint's `XLMRobertaTokenizer` (slow, SentencePiece) ids: `<s> pieces </s>`, no lowercasing.
 - BEiT-3 view: [0, 1] float image, bicubic resize (no antialias) to a square, normalise with mean = std = 0.5.
-- SAM view: PIL bilinear resize of the longest side to 1024, normalise with ImageNet mean/std on the 0-255 scale,
-  zero-pad bottom/right to 1024x1024.
-- Masks: upsample the 256x256 logits to the SAM input, crop the padding, upsample to the image's size (bilinear).
+- SAM view (EVF-SAM, model type "ori"): PIL bilinear resize of the longest side to 1024, normalise with ImageNet
+  mean/std on the 0-255 scale, zero-pad bottom/right to 1024x1024. Masks: upsample the 256x256 logits to the SAM
+  input, crop the padding, upsample to the image's size (bilinear).
+- SAM-2 view (EVF-SAM2, model type "sam2"): stretch to 1024x1024 (bilinear on the uint8 image; code before commit
+  9d00853: longest-side PIL resize, normalise, then bilinear stretch of the float image), normalise. Masks: upsample
+  the 256x256 logits straight to the image's size.
 """
 
 from __future__ import annotations
@@ -143,6 +146,23 @@ def sam_pixels(image: Image.Image, size: int) -> tuple[torch.Tensor, tuple[int, 
     pixels = torch.from_numpy(resized).permute(2, 0, 1).float()
     pixels = (pixels - torch.tensor(SAM_PIXEL_MEAN)[:, None, None]) / torch.tensor(SAM_PIXEL_STD)[:, None, None]
     return F.pad(pixels, (0, size - width, 0, size - height)), (height, width)
+
+
+def sam2_pixels(image: Image.Image, size: int, legacy: bool = False) -> torch.Tensor:
+    """(3, size, size) SAM-2 input: the image stretched to a square (see the module docstring for `legacy`)."""
+    mean, std = torch.tensor(SAM_PIXEL_MEAN)[:, None, None], torch.tensor(SAM_PIXEL_STD)[:, None, None]
+    if legacy:
+        pixels, (height, width) = sam_pixels(image, size)
+        pixels = pixels[:, :height, :width]
+        return F.interpolate(pixels[None], (size, size), mode="bilinear", align_corners=False)[0]
+    pixels = torch.from_numpy(_rgb_array(image)).permute(2, 0, 1)[None]
+    pixels = F.interpolate(pixels, (size, size), mode="bilinear", align_corners=False)[0]  # uint8 in, uint8 out
+    return (pixels.float() - mean) / std
+
+
+def upsample_logits_sam2(low_res: torch.Tensor, original: tuple[int, int]) -> torch.Tensor:
+    """`EvfSam2Model.postprocess_masks` for one logit map: bilinear straight to (H, W), float32."""
+    return F.interpolate(low_res.float()[None, None], original, mode="bilinear", align_corners=False)[0, 0]
 
 
 def upsample_logits(
