@@ -170,3 +170,26 @@ def test_bad_config_is_named(kwargs, message):
 def test_crowded_scene_raises_a_clear_error():
     with pytest.raises(ValueError, match="object_scale"):
         generate_synthetic(task="sod", num_samples=1, object_scale=4.0)
+
+
+@pytest.mark.parametrize("task", ["sod", "sis", "cosod"])
+def test_shapes_segmenter_reproduces_the_ground_truth(task):
+    # The contract in synthetic.py's docstring: expressions + exact colours let the weight-free segmenter be exact.
+    from cgpo_trl.saliency.segmenters import load_segmenter
+
+    segmenter = load_segmenter("shapes", cache_size=None)
+    rows = generate_synthetic(task=task, num_samples=12, seed=6, rule="mixed", group_size=(3, 3))
+    images, expressions, targets = [], [], []
+    for row in rows:
+        if task == "sis":
+            for rle, expression in zip(row["instances"], row["expressions"]):
+                images.append(row["images"][0])
+                expressions.append(expression)
+                targets.append(decode_instance(rle))
+        else:
+            for image, mask in zip(row["images"], row["masks"]):
+                images.append(image)
+                expressions.append(row["expressions"][0])
+                targets.append(np.asarray(mask) > 0)
+    for (prediction, _score), target in zip(segmenter.segment(images, expressions), targets):
+        np.testing.assert_array_equal(prediction >= 0.5, target)
