@@ -119,8 +119,6 @@ class TeacherRequest:
 class Teacher(abc.ABC):
     """Answers batches of `TeacherRequest`s with one text each."""
 
-    name: str = ""
-
     @abc.abstractmethod
     def __call__(self, requests: Sequence[TeacherRequest]) -> list[str]: ...
 
@@ -160,8 +158,6 @@ def _listing(objects: list[dict], size: tuple[int, int]) -> str:
 
 class TemplateTeacher(Teacher):
     """Offline teacher for synthetic rows: expressions come from the row, reasoning narrates its `scene`."""
-
-    name = "template"
 
     def __call__(self, requests):
         return [self._answer(r) for r in requests]
@@ -324,8 +320,6 @@ class OpenAITeacher(ChatTeacher):
     `concurrency` requests are in flight.
     """
 
-    name = "http"
-
     def __init__(
         self,
         url: str,
@@ -430,8 +424,6 @@ class OpenAITeacher(ChatTeacher):
 
 class LocalVLMTeacher(ChatTeacher):
     """A transformers VLM checkpoint (hub id or folder) loaded with `cgpo_trl.models.load_model_and_processor`."""
-
-    name = "local"
 
     def __init__(
         self,
