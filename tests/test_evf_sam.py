@@ -427,3 +427,39 @@ def test_evf_code_auto_follows_the_multitask_token(sam2_checkpoint, tmp_path):
     assert not EvfSamSegmenter(checkpoint=tmp_path / "multitask").legacy
     with pytest.raises(ValueError, match="evf_code must be"):
         EvfSamSegmenter(checkpoint=sam2_checkpoint, evf_code="new")
+
+
+def test_hub_ids_download_config_tokenizer_and_the_first_weights_file(checkpoint, tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+
+    from cgpo_trl.saliency.segmenters.evf_sam import resolve_checkpoint
+
+    snapshot = tmp_path / "snapshot"  # a Hub repo like YxZhang/evf-sam's main branch: pytorch_model.bin only
+    from_pretrained(checkpoint).save_pretrained(snapshot, safe_serialization=False)
+    shutil.copy(os.path.join(checkpoint, "sentencepiece.bpe.model"), snapshot)
+    requested = []
+
+    def fake_download(repo_id, filename, revision=None):
+        requested.append((repo_id, filename, revision))
+        if repo_id != "YxZhang/evf-sam":
+            raise RepositoryNotFoundError(f"no repo {repo_id}")
+        if not (snapshot / filename).exists():
+            raise EntryNotFoundError(f"{filename} not in {repo_id}")
+        return str(snapshot / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    assert resolve_checkpoint("YxZhang/evf-sam", revision="main") == str(snapshot)
+    assert [name for _, name, _ in requested] == [
+        "config.json",
+        "sentencepiece.bpe.model",
+        "added_tokens.json",
+        "model.safetensors",
+        "pytorch_model.bin",
+    ]
+    assert {repo for repo, _, _ in requested} == {"YxZhang/evf-sam"} and {rev for _, _, rev in requested} == {"main"}
+    (snapshot / "pytorch_model.bin").unlink()
+    with pytest.raises(ValueError, match="has neither of"):
+        resolve_checkpoint("YxZhang/evf-sam")
+    with pytest.raises(ValueError, match="neither a local directory nor a downloadable Hub repo"):
+        resolve_checkpoint("nobody/nothing-here")

@@ -21,7 +21,7 @@ from .base import ReferringSegmenter, RegionResult, image_digest, register_segme
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CHECKPOINT_FILES = ("config.json", "sentencepiece.bpe.model")
-OPTIONAL_FILES = ("added_tokens.json", "tokenizer_config.json", "special_tokens_map.json")
+OPTIONAL_FILES = ("added_tokens.json",)  # the multitask checkpoints' [semantic] token
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 

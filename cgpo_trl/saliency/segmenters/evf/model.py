@@ -8,6 +8,7 @@ parameter, with the same shape, and every parameter must be filled.
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 
@@ -23,7 +24,7 @@ SAFETENSORS_FILE = "model.safetensors"
 PYTORCH_FILE = "pytorch_model.bin"
 
 
-class EvfModel(nn.Module):
+class EvfModel(nn.Module, abc.ABC):
     """What both variants share: the BEiT-3 fusion encoder, the prompt projection and checkpoint I/O.
 
     Subclasses build `visual_model` and implement `image_features` (a list of per-image tensors, batch first) and
@@ -47,8 +48,9 @@ class EvfModel(nn.Module):
         )
 
     @property
+    @abc.abstractmethod
     def sam_image_size(self) -> int:
-        raise NotImplementedError
+        """Side of the square SAM input."""
 
     @property
     def beit3_image_size(self) -> int:
@@ -58,11 +60,13 @@ class EvfModel(nn.Module):
     def max_text_tokens(self) -> int:
         return self.mm_extractor.beit3.config.max_source_positions - 2
 
+    @abc.abstractmethod
     def image_features(self, sam_pixels: torch.Tensor) -> list[torch.Tensor]:
-        raise NotImplementedError
+        """SAM image features for (B, 3, S, S) normalised pixels, each tensor batch first."""
 
+    @abc.abstractmethod
     def decode(self, features: list[torch.Tensor], prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """Low-resolution mask logits (B, h, w) and predicted IoU (B,) for one prompt embedding per image."""
 
     def prompt_embeddings(
         self, beit3_pixels: torch.Tensor, input_ids: torch.Tensor, padding: torch.Tensor | None = None
