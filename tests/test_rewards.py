@@ -123,6 +123,8 @@ def test_format_reward_termination_from_length_cap_or_text_only():
     good = [_answer("rg", "a")] * 2
     assert FormatReward(max_completion_length=3)(None, good, completion_ids=[[1, 2], [1, 2, 3]]) == [1.0, 0.0]
     assert FormatReward()(None, good, completion_ids=[[1, 2], [1, 2, 3]]) == [1.0, 1.0]
+    both = FormatReward(eos_token_ids=[9], max_completion_length=3)
+    assert both(None, good * 2, completion_ids=[[1, 2], [1, 2, 3], [1, 2, 9], [1, 9, 9, 9]]) == [1.0, 0.0, 1.0, 1.0]
     assert FormatReward(eos_token_ids=2, require_think=False)(
         None, ["<answer><rg>a</rg></answer>"], completion_ids=[[2]]
     ) == [1.0]

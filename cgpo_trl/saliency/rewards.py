@@ -140,9 +140,10 @@ class FormatReward(RewardFunction):
     Well-formed: `parse_answer` finds no problem with the row's `task` (right tag type, nothing but whitespace after
     `</answer>`, limits respected) and, with `require_think`, a `<think>` block is present. Ending cleanly: the
     completion stopped on an end-of-sequence token, not at the length cap — without this term a measured RL run
-    learned to stop emitting EOS. The check reads TRL's `completion_ids`: with `eos_token_ids`, the last id must be
-    one of them; with only `max_completion_length`, the completion must be shorter than the cap; with neither, only
-    the text is checked.
+    learned to stop emitting EOS. The check reads TRL's `completion_ids` (which end with the EOS id when generation
+    stopped on it): the last id is one of `eos_token_ids`, or the completion is shorter than `max_completion_length`
+    (it stopped before the cap); with only `eos_token_ids` the first test decides, with neither only the text is
+    checked.
 
     Args:
         eos_token_ids: id or ids that end a completion (see `eos_token_ids_of`).
@@ -181,11 +182,11 @@ class FormatReward(RewardFunction):
     def _terminated(self, ids: Sequence[int] | None) -> bool:
         if ids is None:
             return True
-        if self.eos_token_ids is not None:
-            return len(ids) > 0 and int(ids[-1]) in self.eos_token_ids
+        if self.eos_token_ids is not None and len(ids) > 0 and int(ids[-1]) in self.eos_token_ids:
+            return True
         if self.max_completion_length is not None:
             return len(ids) < self.max_completion_length
-        return True
+        return self.eos_token_ids is None
 
 
 def eos_token_ids_of(processing_class, generation_config=None) -> list[int]:

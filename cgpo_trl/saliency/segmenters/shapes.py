@@ -34,8 +34,10 @@ _UNIT_AREA = {
     "triangle": 3 * np.sqrt(3) / 4,
     "star": 5 * STAR_INNER_RATIO * np.sin(np.pi / 5),
 }
+_MAX_MATCH_AREA = 400  # pixels
 _PALETTE = np.array(list(COLOURS.values()), dtype=np.int16)
 _PALETTE_NAMES = tuple(COLOURS)
+_PALETTE_SPREAD = int((_PALETTE.max(axis=1) - _PALETTE.min(axis=1)).min())
 
 
 def shape_coordinates(
@@ -74,10 +76,17 @@ class _Component:
 
     @cached_property
     def shape(self) -> str:
-        area = self.area
+        local, (cy, cx) = self.local, self.centroid
+        if local.sum() > _MAX_MATCH_AREA:  # past this size shapes are unambiguous; matching a smaller copy is faster
+            from skimage.transform import rescale
+
+            scale = np.sqrt(_MAX_MATCH_AREA / local.sum())
+            local = rescale(local.astype(np.float32), scale, order=1, anti_aliasing=False) >= 0.5
+            cy, cx = (cy + 0.5) * scale - 0.5, (cx + 0.5) * scale - 0.5
+        area = int(local.sum())
         margin = int(np.ceil(np.sqrt(area / min(_UNIT_AREA.values())))) + 2
-        cy, cx = self.centroid[0] + margin, self.centroid[1] + margin
-        target = np.pad(self.local, margin)
+        cy, cx = cy + margin, cx + margin
+        target = np.pad(local, margin)
         best, best_iou = SHAPES[0], -1.0
         for shape in SHAPES:
             radius = np.sqrt(area / _UNIT_AREA[shape])
@@ -159,9 +168,13 @@ class ShapesSegmenter(ReferringSegmenter):
         from skimage.measure import label, regionprops
 
         pixels = np.asarray(image.convert("RGB"), dtype=np.int16)
-        distance = np.abs(pixels[:, :, None, :] - _PALETTE[None, None]).max(axis=-1)  # H x W x colours
-        nearest = distance.argmin(axis=-1)
-        colour_map = np.where(distance.min(axis=-1) <= self.colour_tolerance, nearest + 1, 0)
+        # A pixel within the tolerance of a colour has a channel spread (max - min) of at least that colour's spread
+        # minus twice the tolerance, so only such pixels (the objects, not the grey background) need distances.
+        spread = pixels.max(axis=-1) - pixels.min(axis=-1)
+        candidates = spread >= _PALETTE_SPREAD - 2 * self.colour_tolerance
+        distance = np.abs(pixels[candidates][:, None, :] - _PALETTE[None]).max(axis=-1)  # candidates x colours
+        colour_map = np.zeros(spread.shape, dtype=np.int64)
+        colour_map[candidates] = np.where(distance.min(axis=-1) <= self.colour_tolerance, distance.argmin(-1) + 1, 0)
         labels = label(colour_map, background=0, connectivity=2)
         components = []
         for region in regionprops(labels):
