@@ -36,7 +36,7 @@ from cgpo_trl.saliency.segmenters.evf.processing import (  # noqa: E402
     upsample_logits_sam2,
 )
 from cgpo_trl.saliency.segmenters.evf.tiny import TINY_CONFIG, TINY_SAM2_CONFIG, save_tiny_checkpoint  # noqa: E402
-from cgpo_trl.saliency.segmenters.evf_sam import EvfSamSegmenter  # noqa: E402
+from cgpo_trl.saliency.segmenters.evf_sam import DTYPES, EvfSamSegmenter  # noqa: E402
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 PUBLISHED_CONFIG = {  # config.json of YxZhang/evf-sam, fields that matter
@@ -463,3 +463,28 @@ def test_hub_ids_download_config_tokenizer_and_the_first_weights_file(checkpoint
         resolve_checkpoint("YxZhang/evf-sam")
     with pytest.raises(ValueError, match="neither a local directory nor a downloadable Hub repo"):
         resolve_checkpoint("nobody/nothing-here")
+
+
+def test_low_precision_matches_float32(sam2_checkpoint):
+    image = noise_image(50, 70)
+    ((reference, reference_score),) = EvfSamSegmenter(checkpoint=sam2_checkpoint).segment([image], ["the red circle"])
+    for dtype in ("bfloat16", "float16"):
+        segmenter = EvfSamSegmenter(checkpoint=sam2_checkpoint, dtype=dtype)
+        assert {p.dtype for p in segmenter.model.parameters()} == {DTYPES[dtype]}
+        ((mask, score),) = segmenter.segment([image], ["the red circle"])
+        assert (mask == reference).mean() > 0.95 and score == pytest.approx(reference_score, abs=0.02)
+
+
+def test_early_fusion_routes_vision_through_A_and_text_through_B(checkpoint):
+    model = from_pretrained(checkpoint)
+    tokenizer = EvfTokenizer.from_pretrained(checkpoint)
+    pixels = beit3_pixels(noise_image(40, 40), model.beit3_image_size)[None].repeat(2, 1, 1, 1)
+    ids, padding = tokenizer(["the red circle", "the large blue star"])
+    with torch.no_grad():
+        prompts = model.prompt_embeddings(pixels, ids, padding)
+        assert not torch.allclose(prompts[0], prompts[1])  # the text reaches the vision CLS through attention
+        text_norm = model.mm_extractor.beit3.encoder.layer_norm.B
+        text_norm.weight.mul_(3.0)  # the text expert's output norm never touches the CLS token
+        assert torch.equal(model.prompt_embeddings(pixels, ids, padding), prompts)
+        model.mm_extractor.beit3.encoder.layer_norm.A.weight.mul_(3.0)
+        assert not torch.allclose(model.prompt_embeddings(pixels, ids, padding), prompts)
