@@ -440,3 +440,23 @@ def test_sam3_instances_are_sorted_and_region_is_their_union(backend_options):
     )
     [(empty, zero)] = strict.segment([IMAGE_320x240], [EXPRESSIONS[0]])
     assert not empty.any() and zero == 0.0
+
+
+def test_sam3_without_sam3_in_transformers_names_the_version_needed(monkeypatch, backend_options):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers.models.sam3.modeling_sam3", None)
+    with pytest.raises(ImportError, match=r"needs a transformers release that ships SAM 3.*>= 5.24"):
+        load_segmenter("sam3", **backend_options["sam3"])
+
+
+def test_importing_the_saliency_interface_stays_light():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, cgpo_trl.saliency.rewards, cgpo_trl.saliency.segmenters, cgpo_trl.saliency.prompts; "
+        "print(sorted(m for m in ('torch', 'transformers', 'trl') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
