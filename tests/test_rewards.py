@@ -34,7 +34,7 @@ def _rle(mask):
 
 
 def _gt_image(mask):
-    return Image.fromarray((mask * 255).astype(np.uint8), mode="L")
+    return Image.fromarray((mask * 255).astype(np.uint8))
 
 
 class TableSegmenter(ReferringSegmenter):
@@ -291,6 +291,8 @@ def test_registry_builds_rewards_by_name_and_routes_options():
 def test_build_reward_funcs_loads_a_segmenter_by_name_once():
     sod, cosod = build_reward_funcs(["sod", "cosod"], segmenter="shapes", segmenter_kwargs={"cache_size": 16})
     assert sod.segmenter is cosod.segmenter and sod.segmenter.name == "shapes"
+    [fmt] = build_reward_funcs(["format"], segmenter="shapes")  # a segmenter no reward takes is not an error
+    assert isinstance(fmt, FormatReward)
     with pytest.raises(ValueError, match="segmenter_kwargs applies only"):
         build_reward_funcs(["sod"], segmenter=TableSegmenter(TABLE), segmenter_kwargs={"cache_size": 1})
 
@@ -316,7 +318,7 @@ def test_saliency_reward_with_shapes_segmenter_on_a_drawn_scene():
         completions,
         task=["sod"] * 3,
         images=[[Image.fromarray(image)]] * 3,
-        masks=[[Image.fromarray(gt, mode="L")]] * 3,
+        masks=[[Image.fromarray(gt)]] * 3,
     )
     assert rewards[0] == pytest.approx(1.0)
     assert rewards[1] < 0.5 and rewards[2] < 0.5

@@ -18,6 +18,7 @@ are retried one by one and a row whose segmentation still fails scores 0 and is 
 
 from __future__ import annotations
 
+import abc
 import inspect
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -88,7 +89,9 @@ def build_reward_funcs(
         segmenter = load_segmenter(segmenter, **dict(segmenter_kwargs or {}))
     elif segmenter_kwargs:
         raise ValueError("segmenter_kwargs applies only when segmenter is given by name")
-    if segmenter is not None:
+    names = [names] if isinstance(names, str) else list(names)
+    takes_segmenter = any("segmenter" in inspect.signature(REWARDS[n]).parameters for n in names if n in REWARDS)
+    if segmenter is not None and takes_segmenter:
         options["segmenter"] = segmenter
     return get_reward_funcs(names, **options)
 
@@ -118,7 +121,7 @@ def completion_text(completion) -> str:
     return "".join(parts)
 
 
-class RewardFunction:
+class RewardFunction(abc.ABC):
     """Base of the registered rewards: a callable with TRL's reward signature and a `__name__` for TRL's logs."""
 
     name: str = "reward"
@@ -126,8 +129,9 @@ class RewardFunction:
     def __init__(self):
         self.__name__ = self.name
 
+    @abc.abstractmethod
     def __call__(self, prompts: list, completions: list, **kwargs) -> list[float | None]:
-        raise NotImplementedError
+        """One value in [0, 1] (or None: not applicable) per completion."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
@@ -267,7 +271,7 @@ def _fit(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Resize a predicted mask to the ground truth's size (bilinear), as evaluation toolkits do."""
     if mask.shape == tuple(shape):
         return mask
-    resized = Image.fromarray(mask.astype(np.float32), mode="F").resize((shape[1], shape[0]), Image.BILINEAR)
+    resized = Image.fromarray(mask.astype(np.float32)).resize((shape[1], shape[0]), Image.BILINEAR)
     return np.asarray(resized, dtype=np.float32)
 
 
