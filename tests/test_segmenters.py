@@ -460,3 +460,22 @@ def test_importing_the_saliency_interface_stays_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_cache_stores_binary_masks_packed_and_soft_masks_exactly():
+    class Soft(LeftHalf):
+        def _segment_regions(self, images, expressions):
+            return [(np.full((i.height, i.width), 0.3, np.float32), 0.7) for i in images]
+
+    binary = CachedSegmenter(LeftHalf())
+    [(first, _)] = binary.segment([_image()], ["left"])
+    [(again, _)] = binary.segment([_image()], ["left"])
+    assert again.dtype == np.float32 and np.array_equal(first, again) and binary.hits == 1
+    (bits, shape), _ = next(iter(binary._cache.values()))
+    assert bits.nbytes == 16 * 20 // 8 and shape == (16, 20)  # one bit per pixel
+    soft = CachedSegmenter(Soft())
+    soft.segment([_image()], ["x"])
+    [(mask, score)] = soft.segment([_image()], ["x"])
+    assert np.array_equal(mask, np.full((16, 20), 0.3, np.float32)) and score == 0.7
+    [[(instance, _), _]] = CachedSegmenter(LeftHalf()).segment([_image()], ["blobs"], mode="instance")
+    assert instance.dtype == np.float32 and instance.sum() == 25

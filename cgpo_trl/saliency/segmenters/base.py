@@ -121,7 +121,9 @@ class CachedSegmenter(ReferringSegmenter):
     """LRU cache keyed by (image digest, expression, mode) in front of a backend.
 
     RL revisits the same images and the policy repeats expressions, so most pairs after the first epochs are hits.
-    Misses of one call go to the backend in one batched call; callers receive copies, so they cannot alter the cache.
+    Misses of one call go to the backend in one batched call; callers receive fresh arrays, so they cannot alter the
+    cache. Binary masks (shapes, EVF-SAM) are stored bit-packed, 32x smaller than float32 and lossless; soft masks
+    are stored as they are (a 480x360 soft mask takes 0.7 MB).
     """
 
     def __init__(self, segmenter: ReferringSegmenter, cache_size: int = 1024):
@@ -166,18 +168,30 @@ class CachedSegmenter(ReferringSegmenter):
             indices = list(missing.values())
             computed = self.segmenter.segment([images[i] for i in indices], [expressions[i] for i in indices], mode)
             for key, value in zip(missing, computed):
-                found[key] = value
-                self._cache[key] = value
+                found[key] = self._cache[key] = _pack(value)
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
-        return [_copy(found[key]) for key in keys]
+        return [_unpack(found[key]) for key in keys]
 
 
-def _copy(value):
+def _pack(value):
     if isinstance(value, list):
-        return [(mask.copy(), score) for mask, score in value]
+        return [_pack(item) for item in value]
     mask, score = value
+    if np.all((mask == 0) | (mask == 1)):
+        return (np.packbits(mask.astype(bool)), mask.shape), score
     return mask.copy(), score
+
+
+def _unpack(value):
+    if isinstance(value, list):
+        return [_unpack(item) for item in value]
+    stored, score = value
+    if isinstance(stored, tuple):
+        bits, shape = stored
+        mask = np.unpackbits(bits, count=shape[0] * shape[1]).reshape(shape).astype(np.float32)
+        return mask, score
+    return stored.copy(), score
 
 
 DTYPES = ("float32", "bfloat16", "float16")
