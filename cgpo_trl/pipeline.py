@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 TINY_MODEL = "tiny-random"
 """`model_name_or_path` sentinel: build `cgpo_trl.testing.build_tiny_vlm` offline (seeded by the run's seed)."""
 
+DISK = "disk"
 RL_TRAINERS = ("cgpo", "grpo")
 INSTRUCTION_STYLES = ("full", "short")
 SHORT_INSTRUCTIONS = {
@@ -54,7 +55,8 @@ class DatasetSpec:
     """
 
     name: str = SYNTHETIC
-    """`synthetic` (procedural benchmark) or a name of the public-benchmark registry (`cgpo_trl.data.benchmarks`)."""
+    """`synthetic` (procedural benchmark), `disk` (a dataset written by `Dataset.save_to_disk`, e.g. the SFT data of
+    `python -m cgpo_trl.data.reasoning`, at `data_dir`) or a public-benchmark name (`cgpo_trl.data.benchmarks`)."""
     task: str | None = None
     """`sod`, `sis` or `cosod`. Required for `synthetic`; benchmarks know their task."""
     weight: float = 1.0
@@ -83,6 +85,8 @@ class DatasetSpec:
             raise ValueError(f"{where}: weight must be > 0, got {spec.weight}")
         if spec.name == SYNTHETIC and spec.task is None:
             raise ValueError(f"{where}: a synthetic dataset needs `task` (sod, sis or cosod)")
+        if spec.name != SYNTHETIC and not spec.data_dir:
+            raise ValueError(f"{where}: dataset {spec.name!r} needs `data_dir`")
         if not isinstance(spec.options, dict):
             raise ValueError(f"{where}: options must be a mapping, got {spec.options!r}")
         return spec
@@ -121,7 +125,10 @@ class SaliencyScriptArguments:
     )
     segmenter_kwargs: dict | str | None = field(
         default=None,
-        metadata={"help": "Backend options, e.g. {checkpoint: ..., device: cuda, dtype: bfloat16}. JSON on the CLI."},
+        metadata={
+            "help": "Backend options, e.g. {checkpoint: ..., device: auto, dtype: bfloat16}; device `auto` is this "
+            "process's accelerator device. JSON on the CLI."
+        },
     )
     segmenter_cache_size: int = field(
         default=4096, metadata={"help": "LRU cache entries in front of the segmenter (0 disables it)."}
@@ -260,6 +267,17 @@ def load_dataset_spec(spec: DatasetSpec):
             **options,
         )
         return generate_synthetic(config)
+    if spec.name == DISK:
+        from datasets import load_from_disk
+
+        if not Path(spec.data_dir).is_dir():
+            raise FileNotFoundError(f"dataset 'disk': data_dir {spec.data_dir} is not a folder")
+        dataset = load_from_disk(spec.data_dir, **spec.options)
+        if spec.task is not None and "task" in dataset.column_names:
+            dataset = dataset.filter(lambda task: task == spec.task, input_columns="task")
+        if spec.num_samples is not None:
+            dataset = dataset.select(range(min(spec.num_samples, len(dataset))))
+        return dataset
     from .data import benchmarks
 
     dataset = benchmarks.load_benchmark(spec.name, data_dir=spec.data_dir, split=spec.split, **spec.options)
@@ -271,16 +289,29 @@ def load_dataset_spec(spec: DatasetSpec):
 
 
 def build_mixture(
-    specs: Sequence[DatasetSpec], seed: int = 0, stopping: str = "first_exhausted", instruction: str = "full"
+    specs: Sequence[DatasetSpec],
+    seed: int = 0,
+    stopping: str = "first_exhausted",
+    instruction: str = "full",
+    transform: Callable | None = None,
 ):
-    """Interleave the components with probabilities proportional to their weights (`datasets.interleave_datasets`)."""
+    """Interleave the components with probabilities proportional to their weights (`datasets.interleave_datasets`).
+
+    `transform` (e.g. `to_sft_rows`) is applied to each component before mixing, so components of different kinds
+    (synthetic rows, reasoning conversations) meet in one schema.
+    """
     from datasets import interleave_datasets
 
     from .data.rows import ROW_FEATURES
 
     parts = [load_dataset_spec(spec) for spec in specs]
     if instruction == "short":
-        parts = [part.map(_shorten_instruction, desc="short instructions") for part in parts]
+        parts = [
+            part.map(_shorten_instruction, desc="short instructions") if "task" in part.column_names else part
+            for part in parts
+        ]
+    if transform is not None:
+        parts = [transform(part) for part in parts]
     if len(parts) == 1:
         return parts[0]
     if len({json.dumps(p.features.to_dict(), sort_keys=True) for p in parts}) > 1:
@@ -302,33 +333,53 @@ def _shorten_instruction(row: dict) -> dict:
     return {"prompt": prompt}
 
 
-def load_mixtures(script_args, seed: int):
+def load_mixtures(script_args, seed: int, transform: Callable | None = None):
     """(train, eval-or-None) datasets of the script arguments."""
-    train = build_mixture(script_args.datasets, seed, script_args.mixture_stopping, script_args.instruction)
-    evaluation = None
-    if script_args.eval_datasets:
-        evaluation = build_mixture(
-            script_args.eval_datasets, seed, script_args.mixture_stopping, script_args.instruction
-        )
+    options = dict(stopping=script_args.mixture_stopping, instruction=script_args.instruction, transform=transform)
+    train = build_mixture(script_args.datasets, seed, **options)
+    evaluation = build_mixture(script_args.eval_datasets, seed, **options) if script_args.eval_datasets else None
     return train, evaluation
 
 
+def _sft_features():
+    from datasets import Features, List
+
+    from .data.rows import MESSAGE, ROW_FEATURES
+
+    return Features({"prompt": List(MESSAGE), "completion": List(MESSAGE), "images": ROW_FEATURES["images"]})
+
+
 def to_sft_rows(dataset):
-    """Rows -> TRL prompt-completion conversations with images; the completion is the row's reference answer."""
+    """Rows -> TRL prompt-completion conversations with images (loss on the completion only).
 
-    def convert(row):
-        return {"completion": [{"role": "assistant", "content": [{"type": "text", "text": row["solution"]}]}]}
+    Contract rows use their reference answer (`solution`) as the completion; datasets of chat `messages` (what the
+    output-to-reasoning builder writes) are split into the turns before the last assistant turn and that turn.
+    """
+    if "messages" in dataset.column_names:
 
-    if "solution" not in dataset.column_names:
-        raise ValueError("SFT needs a `solution` column (the reference answer) in every training dataset")
-    empty = sum(1 for s in dataset["solution"] if not s)
-    if empty:
-        raise ValueError(
-            f"{empty} of {len(dataset)} training rows have an empty `solution`; SFT needs reference answers"
-        )
-    keep = ["prompt", "images", "solution"]
-    dataset = dataset.select_columns(keep).map(convert, desc="SFT conversations")
-    return dataset.remove_columns("solution")
+        def split_messages(row):
+            messages = row["messages"]
+            if not messages or messages[-1]["role"] != "assistant":
+                raise ValueError("SFT `messages` must end with an assistant turn")
+            return {"prompt": messages[:-1], "completion": messages[-1:]}
+
+        dataset = dataset.map(split_messages, remove_columns=["messages"], desc="SFT conversations")
+    else:
+        if "solution" not in dataset.column_names:
+            raise ValueError("SFT needs a `solution` (reference answer) or a `messages` column in every dataset")
+        empty = sum(1 for s in dataset["solution"] if not s)
+        if empty:
+            raise ValueError(
+                f"{empty} of {len(dataset)} SFT rows have an empty `solution` (public benchmarks have no reference "
+                "answers: build SFT data with `python -m cgpo_trl.data.reasoning` and load it with name: disk)"
+            )
+
+        def convert(row):
+            return {"completion": [{"role": "assistant", "content": [{"type": "text", "text": row["solution"]}]}]}
+
+        dataset = dataset.map(convert, desc="SFT conversations")
+    dataset = dataset.select_columns(["prompt", "completion", "images"])
+    return dataset.cast(_sft_features())
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -372,9 +423,12 @@ def build_reward_funcs(script_args, processor, model=None, max_completion_length
     from .saliency.rewards import REWARDS, build_reward_funcs, eos_token_ids_of
     from .saliency.segmenters import load_segmenter
 
-    segmenter = load_segmenter(
-        script_args.segmenter, cache_size=script_args.segmenter_cache_size, **script_args.segmenter_kwargs
-    )
+    kwargs = dict(script_args.segmenter_kwargs)
+    if kwargs.get("device") == "auto":  # this process's accelerator device (one segmenter per GPU under DDP)
+        from accelerate import PartialState
+
+        kwargs["device"] = str(PartialState().device)
+    segmenter = load_segmenter(script_args.segmenter, cache_size=script_args.segmenter_cache_size, **kwargs)
     options = dict(script_args.reward_kwargs)
     accepted = set()
     for name in script_args.reward_funcs:
@@ -464,9 +518,7 @@ def build_sft_trainer(script_args, training_args, model_args, model=None, proces
 
     if model is None:
         model, processor = load_policy(model_args, seed=training_args.seed)
-    train, evaluation = load_mixtures(script_args, training_args.seed)
-    train = to_sft_rows(train)
-    evaluation = to_sft_rows(evaluation) if evaluation is not None else None
+    train, evaluation = load_mixtures(script_args, training_args.seed, transform=to_sft_rows)
     return SFTTrainer(
         model=model,
         args=training_args,
@@ -496,7 +548,10 @@ def train_and_save(trainer, script_args, model_args, stage: str, metrics: dict |
     trainer.save_metrics("train", train_metrics)
     trainer.save_state()
     trainer.save_model(args.output_dir)
-    all_metrics = {**train_metrics, **(metrics or {})}
+    last_logged = {}  # the last logged value of every training metric (reward, cgpo/confidence, loss, ...)
+    for entry in trainer.state.log_history:
+        last_logged.update({k: v for k, v in entry.items() if k not in ("step", "epoch")})
+    all_metrics = {**last_logged, **train_metrics, **(metrics or {})}
     if trainer.eval_dataset is not None:
         eval_metrics = trainer.evaluate()
         trainer.log_metrics("eval", eval_metrics)
@@ -548,6 +603,11 @@ def write_model_card(trainer, script_args, model_args, stage: str, metrics: dict
     ]
     if script_args.eval_datasets:
         lines += ["- Evaluation data:", *[f"  - {line}" for line in describe_datasets(script_args.eval_datasets)]]
+    state = trainer.accelerator.state
+    setup = f"{state.num_processes} process(es), {state.distributed_type.value}"
+    if getattr(state, "deepspeed_plugin", None) is not None:
+        setup += f" ZeRO stage {state.deepspeed_plugin.zero_stage}"
+    lines.append(f"- Launch: {setup}")
     if stage == "rl":
         weights = args.reward_weights or [1.0] * len(script_args.reward_funcs)
         lines += [

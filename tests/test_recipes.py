@@ -1,0 +1,385 @@
+"""The recipes: every YAML parses and builds its trainer, bad keys are named, the GRPO swap, data mixtures,
+end-to-end runs of the demo recipes with checkpoints, resume and model card, and multi-process CPU launches."""
+
+import dataclasses
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from trl import GRPOConfig, GRPOTrainer, ModelConfig, SFTConfig, SFTTrainer
+
+from cgpo_trl.config import CGPOConfig
+from cgpo_trl.pipeline import (
+    DatasetSpec,
+    SaliencyScriptArguments,
+    build_mixture,
+    build_rl_trainer,
+    build_sft_trainer,
+    parse_args,
+    to_sft_rows,
+)
+from cgpo_trl.trainer import CGPOTrainer
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+YAMLS = sorted((RECIPES / "saliency").glob("*.yaml"))
+RL_TYPES = (SaliencyScriptArguments, CGPOConfig, ModelConfig)
+SFT_TYPES = (SaliencyScriptArguments, SFTConfig, ModelConfig)
+CPU = ["--use_cpu", "true", "--bf16", "false", "--report_to", "none", "--disable_tqdm", "true"]
+
+
+def types_for(path: Path):
+    return SFT_TYPES if "sft" in path.stem else RL_TYPES
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, RECIPES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from cgpo_trl.testing import save_tiny_vlm
+
+    return save_tiny_vlm(tmp_path_factory.mktemp("tiny") / "tiny-vlm")
+
+
+def small_synthetic(script_args) -> str:
+    """The YAML's mixture as tiny synthetic components of the same tasks (public benchmarks are not here)."""
+    from cgpo_trl.data.benchmarks import get_benchmark_spec
+
+    specs = []
+    for spec in script_args.datasets:
+        task = spec.task or (get_benchmark_spec(spec.name).task if spec.name not in ("synthetic", "disk") else "sod")
+        specs.append({"name": "synthetic", "task": task, "weight": spec.weight, "num_samples": 4})
+    return json.dumps(specs)
+
+
+# ------------------------------------------------------------------------------------------------ every YAML
+def test_recipe_files_exist():
+    names = {p.stem for p in YAMLS}
+    for expected in (
+        "demo_cpu",
+        "demo_cpu_sft",
+        "sft_qwen2_5_vl_3b",
+        "sft_qwen2_5_vl_7b",
+        "cgpo_qwen2_5_vl_3b",
+        "cgpo_qwen2_5_vl_7b",
+        "grpo_qwen2_5_vl_3b",
+        "grpo_qwen2_5_vl_7b",
+        "cgpo_qwen2_5_vl_7b_lora",
+        "sft_qwen2_5_vl_7b_lora",
+        "cgpo_qwen2_5_vl_7b_vllm_colocate",
+        "cgpo_qwen2_5_vl_7b_vllm_server",
+    ):
+        assert expected in names
+    for path in YAMLS:  # every file says what hardware it was sized for
+        assert "Sized for:" in path.read_text().split("\n\n")[0], path.name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", YAMLS, ids=[p.stem for p in YAMLS])
+def test_yaml_parses_and_builds_its_trainer(path, tiny_checkpoint, tmp_path):
+    from cgpo_trl.saliency.segmenters import list_segmenters
+
+    raw = yaml.safe_load(path.read_text())
+    # Build it on this machine: tiny checkpoint, tiny synthetic data of the same tasks, CPU, no vLLM.
+    names = {f.name for f in dataclasses.fields(SaliencyScriptArguments)}
+    yaml_script_args = SaliencyScriptArguments(**{k: v for k, v in raw.items() if k in names})
+    overrides = [
+        "--config",
+        str(path),
+        "--model_name_or_path",
+        tiny_checkpoint,
+        "--dtype",
+        "float32",
+        "--attn_implementation",
+        "sdpa",
+        "--output_dir",
+        str(tmp_path),
+        "--datasets",
+        small_synthetic(yaml_script_args),
+        "--segmenter",
+        "shapes",
+        "--segmenter_kwargs",
+        "{}",
+        *CPU,
+    ]
+    if types_for(path) is RL_TYPES:
+        overrides += ["--use_vllm", "false"]
+    script_args, training_args, model_args = parse_args(types_for(path), overrides)
+    # The YAML's own values arrive untouched where not overridden.
+    assert yaml_script_args.segmenter == raw.get("segmenter", "shapes")
+    assert yaml_script_args.segmenter in list_segmenters()
+    assert training_args.learning_rate == raw["learning_rate"]
+    assert training_args.seed == raw["seed"]
+    assert bool(model_args.use_peft) == bool(raw.get("use_peft", False))
+    if "vllm_mode" in raw:
+        assert raw["use_vllm"] and training_args.vllm_mode == raw["vllm_mode"]
+    if types_for(path) is SFT_TYPES:
+        trainer = build_sft_trainer(script_args, training_args, model_args)
+        assert type(trainer) is SFTTrainer
+        assert set(trainer.train_dataset.column_names) >= {"prompt", "completion", "images"}
+    else:
+        trainer = build_rl_trainer(script_args, training_args, model_args)
+        expected = CGPOTrainer if raw.get("trainer", "cgpo") == "cgpo" else GRPOTrainer
+        assert type(trainer) is expected
+        assert [f.__name__ for f in trainer.reward_funcs] == raw["reward_funcs"]
+        assert trainer.num_generations == raw["num_generations"]
+    assert trainer.args.output_dir == str(tmp_path)
+    from peft import PeftModel
+
+    assert isinstance(trainer.model, PeftModel) == bool(raw.get("use_peft", False))
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+def write_yaml(tmp_path, content: dict) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(content))
+    return path
+
+
+def test_unknown_yaml_key_is_named_with_a_suggestion(tmp_path):
+    path = write_yaml(tmp_path, {"model_name_or_path": "tiny-random", "lerning_rate": 0.1, "output_dir": "x"})
+    with pytest.raises(
+        ValueError, match=r"recipe\.yaml: unknown key\(s\) 'lerning_rate' \(did you mean 'learning_rate'\?\)"
+    ):
+        parse_args(RL_TYPES, ["--config", str(path)])
+
+
+def test_misspelt_dataset_key_is_named(tmp_path):
+    path = write_yaml(
+        tmp_path,
+        {"output_dir": "x", "datasets": [{"name": "synthetic", "task": "sod", "num_sample": 3}]},
+    )
+    with pytest.raises(ValueError, match=r"datasets\[0\]: unknown key 'num_sample' \(did you mean 'num_samples'\?\)"):
+        parse_args(RL_TYPES, ["--config", str(path)])
+
+
+def test_command_line_overrides_the_yaml():
+    config = RECIPES / "saliency" / "demo_cpu.yaml"
+    datasets = '[{"name": "synthetic", "task": "cosod", "num_samples": 7}]'
+    script_args, training_args, _ = parse_args(
+        RL_TYPES,
+        ["--config", str(config), "--learning_rate", "0.5", "--confidence", "max_prob", "--datasets", datasets],
+    )
+    assert training_args.learning_rate == 0.5
+    assert training_args.confidence == "max_prob"
+    assert training_args.max_completion_length == yaml.safe_load(config.read_text())["max_completion_length"]
+    assert script_args.datasets == [DatasetSpec(name="synthetic", task="cosod", num_samples=7)]
+
+
+def test_bad_values_fail_early():
+    with pytest.raises(ValueError, match="trainer must be one of"):
+        SaliencyScriptArguments(trainer="ppo")
+    with pytest.raises(ValueError, match="synthetic dataset needs `task`"):
+        SaliencyScriptArguments(datasets=[{"name": "synthetic"}])
+    with pytest.raises(ValueError, match="'duts-tr' needs `data_dir`"):
+        SaliencyScriptArguments(datasets=[{"name": "duts-tr"}])
+    with pytest.raises(ValueError, match="segmenter_kwargs: not valid JSON"):
+        SaliencyScriptArguments(segmenter_kwargs="{device: cpu")
+
+
+# ------------------------------------------------------------------------------------------------ data
+def test_mixture_follows_the_weights_without_repeating_rows():
+    specs = [
+        DatasetSpec(name="synthetic", task="sod", weight=3, num_samples=60),
+        DatasetSpec(name="synthetic", task="sis", weight=1, num_samples=60),
+    ]
+    mixture = build_mixture(specs, seed=0)
+    tasks = mixture["task"]
+    # first_exhausted: stops when the sod component (drawn 3 times out of 4) runs out at 60 rows.
+    assert tasks.count("sod") == 60
+    assert 10 <= tasks.count("sis") <= 30
+    solutions = [s for s, t in zip(mixture["solution"], tasks) if t == "sis"]
+    assert len(set(solutions)) == len(solutions)
+
+
+def test_short_instruction_and_sft_rows():
+    specs = [DatasetSpec(name="synthetic", task="sod", num_samples=3)]
+    rows = build_mixture(specs, instruction="short")
+    text = [b["text"] for b in rows[0]["prompt"][0]["content"] if b["type"] == "text"]
+    assert text == ["Name the salient object."]
+    sft = to_sft_rows(rows)
+    assert sft.column_names == ["prompt", "completion", "images"]
+    assert sft[0]["completion"][0]["content"][0]["text"] == rows[0]["solution"]
+    assert sft[0]["completion"][0]["role"] == "assistant"
+
+    from datasets import Dataset
+
+    with pytest.raises(ValueError, match="2 of 2 SFT rows have an empty `solution`"):
+        to_sft_rows(Dataset.from_dict({"prompt": [[], []], "images": [[], []], "solution": ["", ""]}))
+
+
+# ------------------------------------------------------------------------------------------------ GRPO swap
+def demo_args(tiny_checkpoint, out, *extra):
+    datasets = '[{"name": "synthetic", "task": "sod", "num_samples": 32}]'
+    return parse_args(
+        RL_TYPES,
+        [
+            "--config",
+            str(RECIPES / "saliency" / "demo_cpu.yaml"),
+            "--model_name_or_path",
+            tiny_checkpoint,
+            "--output_dir",
+            str(out),
+            "--datasets",
+            datasets,
+            "--per_device_train_batch_size",
+            "4",
+            "--logging_steps",
+            "1",
+            *CPU,
+            *extra,
+        ],
+    )
+
+
+def test_grpo_swap_keeps_data_rewards_and_settings(tiny_checkpoint, tmp_path):
+    script_args, training_args, model_args = demo_args(tiny_checkpoint, tmp_path, "--num_generations", "2")
+    cgpo = build_rl_trainer(script_args, training_args, model_args)
+    script_args.trainer = "grpo"
+    grpo = build_rl_trainer(script_args, training_args, model_args)
+    assert type(cgpo) is CGPOTrainer and type(grpo) is GRPOTrainer
+    assert type(grpo.args) is GRPOConfig
+    for name in ("learning_rate", "max_completion_length", "temperature", "reward_weights", "num_generations", "seed"):
+        assert getattr(grpo.args, name) == getattr(cgpo.args, name), name
+    assert [f.__name__ for f in grpo.reward_funcs] == [f.__name__ for f in cgpo.reward_funcs]
+    assert grpo.train_dataset["solution"] == cgpo.train_dataset["solution"]
+
+    training_args.num_generations = 1
+    with pytest.raises(ValueError, match=r"trainer=grpo needs num_generations >= 2"):
+        build_rl_trainer(script_args, training_args, model_args)
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+def optimizer_state(checkpoint: Path) -> dict:
+    return torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False)["state"]
+
+
+@pytest.mark.slow
+def test_cgpo_recipe_trains_saves_and_resumes(tiny_checkpoint, tmp_path):
+    script = load_script("cgpo_saliency")
+    common = ["--max_steps", "4", "--save_steps", "2", "--save_total_limit", "3", "--seed", "3"]
+    base = [
+        "--config",
+        str(RECIPES / "saliency" / "demo_cpu.yaml"),
+        "--model_name_or_path",
+        tiny_checkpoint,
+        "--datasets",
+        '[{"name": "synthetic", "task": "sod", "num_samples": 32}]',
+        "--per_device_train_batch_size",
+        "4",
+        "--logging_steps",
+        "1",
+        *CPU,
+        *common,
+    ]
+    first = tmp_path / "first"
+    metrics = script.main([*base, "--output_dir", str(first)])
+    assert "train_runtime" in metrics
+    # Final model with its processor, loadable like any checkpoint.
+    from cgpo_trl.models import load_model_and_processor
+
+    model, processor = load_model_and_processor(first)
+    assert type(processor).__name__ == "ImageOnlyQwen2_5_VLProcessor"
+    card = (first / "README.md").read_text()
+    for needle in ("synthetic (sod)", "Segmenter: `shapes`", "`format` × 0.1", "`saliency` × 1", "CGPOTrainer"):
+        assert needle in card, needle
+    assert "| reward |" in card and "Launch: 1 process(es)" in card
+
+    # Resume from step 2 into a fresh folder: same step count, same optimizer state at step 4 as the straight run.
+    second = tmp_path / "second"
+    script.main([*base, "--output_dir", str(second), "--resume_from_checkpoint", str(first / "checkpoint-2")])
+    state = json.loads((second / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    resumed, straight = optimizer_state(second / "checkpoint-4"), optimizer_state(first / "checkpoint-4")
+    assert resumed.keys() == straight.keys()
+    for key in straight:
+        assert resumed[key]["step"] == straight[key]["step"] == 4
+        torch.testing.assert_close(resumed[key]["exp_avg_sq"], straight[key]["exp_avg_sq"], rtol=1e-4, atol=1e-10)
+
+
+@pytest.mark.slow
+def test_sft_recipe_trains_and_writes_the_model_card(tmp_path):
+    script = load_script("sft_saliency")
+    out = tmp_path / "sft"
+    script.main(
+        [
+            "--config",
+            str(RECIPES / "saliency" / "demo_cpu_sft.yaml"),
+            "--datasets",
+            '[{"name": "synthetic", "task": "sod", "num_samples": 16}, {"name": "synthetic", "task": "cosod", "num_samples": 8}]',
+            "--max_steps",
+            "3",
+            "--per_device_train_batch_size",
+            "4",
+            "--output_dir",
+            str(out),
+            *CPU,
+        ]
+    )
+    card = (out / "README.md").read_text()
+    assert "synthetic (sod)" in card and "synthetic (cosod)" in card and "SFTTrainer" in card
+    assert "| train_loss |" in card
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3
+
+
+# ------------------------------------------------------------------------------------------------ multi-process
+def launch(config_file: str, tiny_checkpoint: str, out: Path, port: int, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(RECIPES / "accelerate_configs" / config_file),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(port),
+        *extra,
+        str(RECIPES / "cgpo_saliency.py"),
+        "--config",
+        str(RECIPES / "saliency" / "demo_cpu.yaml"),
+        "--model_name_or_path",
+        tiny_checkpoint,
+        "--output_dir",
+        str(out),
+        "--datasets",
+        '[{"name": "synthetic", "task": "sod", "num_samples": 32}]',
+        "--per_device_train_batch_size",
+        "4",
+        "--max_steps",
+        "2",
+        "--save_steps",
+        "1000",
+        *CPU,
+    ]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_cpu_processes(tiny_checkpoint, tmp_path):
+    result = launch("cpu_2proc.yaml", tiny_checkpoint, tmp_path, 29531)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Launch: 2 process(es), MULTI_CPU" in (tmp_path / "README.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_cpu_processes_under_deepspeed_zero2(tiny_checkpoint, tmp_path):
+    pytest.importorskip("deepspeed")
+    result = launch("zero2.yaml", tiny_checkpoint, tmp_path, 29533, "--mixed_precision", "no")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Launch: 2 process(es), DEEPSPEED ZeRO stage 2" in (tmp_path / "README.md").read_text()
