@@ -36,12 +36,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from datasets import Dataset, Features, List, Value
 from PIL import Image
-from skimage.draw import disk, polygon
 from skimage.transform import resize
 
 from ..saliency.prompts import TASKS, build_prompt
 from ..saliency.tags import format_answer
-from ..saliency.vocabulary import COLOURS, SHAPES, describe
+from ..saliency.vocabulary import COLOURS, SHAPES, describe, shape_coordinates
 from .rows import ROW_FEATURES, encode_instances
 
 RULES: tuple[str, ...] = ("colour", "shape", "size", "mixed")
@@ -51,10 +50,9 @@ GAP = 2
 
 # Radii as a fraction of the image side (before `object_scale`), and per-role size factors.
 _BASE_RADIUS = 0.09
-_LARGE, _SMALL, _CLUTTER = 1.45, 0.65, 0.5
+_LARGE, _SMALL, _CLUTTER = 1.45, 0.65, 0.6
 # Polygons are drawn on a larger circumscribed circle so every shape covers a similar area at one radius.
 _SHAPE_SCALE = {"circle": 1.0, "square": 1.15, "triangle": 1.35, "star": 1.25}
-_STAR_INNER = 0.5
 _LAYOUT_TRIES = 50
 _SYMMETRY = {"circle": 1, "square": 4, "triangle": 3, "star": 5}
 _COLOUR_NAMES = tuple(COLOURS)
@@ -174,18 +172,7 @@ def _outer_radius(obj: _Object) -> float:
 
 def _draw(obj: _Object, centre: tuple[float, float], angle: float, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Pixel coordinates (rows, cols) covered by `obj` centred at (row, col)."""
-    cy, cx = centre
-    r = _outer_radius(obj)
-    if obj.shape == "circle":
-        return disk((cy, cx), r, shape=(size, size))
-    if obj.shape == "star":
-        theta = angle + np.arange(10) * (np.pi / 5)
-        radii = np.where(np.arange(10) % 2 == 0, r, r * _STAR_INNER)
-    else:
-        n = 4 if obj.shape == "square" else 3
-        theta = angle + np.arange(n) * (2 * np.pi / n)
-        radii = np.full(n, r)
-    return polygon(cy - radii * np.cos(theta), cx + radii * np.sin(theta), shape=(size, size))
+    return shape_coordinates(obj.shape, centre, _outer_radius(obj), angle, (size, size))
 
 
 def _background(rng: np.random.Generator, size: int, strength: float) -> np.ndarray:

@@ -1,13 +1,16 @@
 """The closed vocabulary of the synthetic saliency world: colour names, shape names and size words.
 
-The synthetic generator (`cgpo_trl.data.synthetic`) draws with these colours and shapes, and the weight-free
-`shapes` segmenter reads expressions written with these words, so both import this one table.
+The synthetic generator (`cgpo_trl.data.synthetic`) draws with these colours and shapes (`shape_coordinates`), and the
+weight-free `shapes` segmenter reads expressions written with these words and matches templates rendered by the same
+function, so both import this one definition of the world.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+
+import numpy as np
 
 # Saturated RGB values far apart from each other and from the (grey, textured) background.
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -24,6 +27,9 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
 
 SIZES: tuple[str, ...] = ("small", "large")
+
+STAR_INNER_RATIO = 0.5
+"""Inner / outer radius of the five-pointed star."""
 
 _WORD = re.compile(r"[a-z]+")
 
@@ -66,3 +72,25 @@ def parse_description(expression: str) -> Description:
         elif size is None and singular in SIZES:
             size = singular
     return Description(colour=colour, shape=shape, size=size)
+
+
+def shape_coordinates(
+    shape: str, centre: tuple[float, float], radius: float, angle: float, image_shape: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel (rows, cols) of `shape` with circumradius `radius` centred at (row, col), the first vertex at `angle`
+    radians clockwise from "up"."""
+    from skimage.draw import disk, polygon
+
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    cy, cx = centre
+    if shape == "circle":
+        return disk((cy, cx), radius, shape=image_shape)
+    if shape == "star":
+        theta = angle + np.arange(10) * (np.pi / 5)
+        radii = np.where(np.arange(10) % 2 == 0, radius, radius * STAR_INNER_RATIO)
+    else:
+        n = 4 if shape == "square" else 3
+        theta = angle + np.arange(n) * (2 * np.pi / n)
+        radii = np.full(n, radius)
+    return polygon(cy - radii * np.cos(theta), cx + radii * np.sin(theta), shape=image_shape)

@@ -20,11 +20,8 @@ from functools import cached_property
 import numpy as np
 from PIL import Image
 
-from ..vocabulary import COLOURS, SHAPES, Description, parse_description
+from ..vocabulary import COLOURS, SHAPES, STAR_INNER_RATIO, Description, parse_description, shape_coordinates
 from .base import ReferringSegmenter, register_segmenter
-
-STAR_INNER_RATIO = 0.5
-"""Inner / outer radius of the five-pointed star the synthetic world draws."""
 
 # Rotational period of each shape, and its area for circumradius 1 (polygons: regular, star: STAR_INNER_RATIO).
 _PERIOD = {"circle": 0.0, "square": np.pi / 2, "triangle": 2 * np.pi / 3, "star": 2 * np.pi / 5}
@@ -38,28 +35,6 @@ _MAX_MATCH_AREA = 400  # pixels
 _PALETTE = np.array(list(COLOURS.values()), dtype=np.int16)
 _PALETTE_NAMES = tuple(COLOURS)
 _PALETTE_SPREAD = int((_PALETTE.max(axis=1) - _PALETTE.min(axis=1)).min())
-
-
-def shape_coordinates(
-    shape: str, centre: tuple[float, float], radius: float, angle: float, image_shape: tuple[int, int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel (rows, cols) of `shape` with circumradius `radius` centred at (row, col), the first vertex at `angle`
-    radians clockwise from "up". Rendering as the synthetic world does lets templates match it pixel for pixel."""
-    from skimage.draw import disk, polygon
-
-    if shape not in _PERIOD:
-        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
-    cy, cx = centre
-    if shape == "circle":
-        return disk((cy, cx), radius, shape=image_shape)
-    if shape == "star":
-        theta = angle + np.arange(10) * (np.pi / 5)
-        radii = np.where(np.arange(10) % 2 == 0, radius, radius * STAR_INNER_RATIO)
-    else:
-        n = 4 if shape == "square" else 3
-        theta = angle + np.arange(n) * (2 * np.pi / n)
-        radii = np.full(n, radius)
-    return polygon(cy - radii * np.cos(theta), cx + radii * np.sin(theta), shape=image_shape)
 
 
 @dataclass
