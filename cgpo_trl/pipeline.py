@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import sys
-import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,11 +207,13 @@ def make_parser(dataclass_types: Sequence[type]):
     from trl import TrlParser
 
     parser = TrlParser(list(dataclass_types))
+    # Fields typed `str | Callable` (CGPOConfig.confidence) take a registry name from YAML / CLI; argparse would
+    # otherwise try to call `Callable(value)`. Callables remain available through the Python API.
+    by_name = {f.name: str(f.type) for t in dataclass_types for f in dataclasses.fields(t)}
     for action in parser._actions:
         if action.dest in ("datasets", "eval_datasets"):
             action.type, action.nargs = str, None  # one JSON list (YAML gives the list itself)
-        elif action.type is typing.Callable or getattr(action.type, "__name__", "") == "Callable":
-            # `confidence: str | Callable`: a registry name from YAML / CLI (callables are for the Python API).
+        elif "Callable" in by_name.get(action.dest, ""):
             action.type = str
     return parser
 
@@ -320,6 +321,20 @@ def build_mixture(
     return interleave_datasets(
         parts, probabilities=[spec.weight / total for spec in specs], seed=seed, stopping_strategy=stopping
     )
+
+
+def task_prompt(task: str, num_images: int = 1, instruction: str = "full") -> list[dict]:
+    """The user turn for `task` in the given instruction style; a model answers best in the style it was trained on."""
+    from .saliency.prompts import build_prompt
+
+    prompt = build_prompt(task, num_images)
+    if instruction == "short":
+        for block in prompt[0]["content"]:
+            if block["type"] == "text":
+                block["text"] = SHORT_INSTRUCTIONS[task]
+    elif instruction != "full":
+        raise ValueError(f"instruction must be one of {list(INSTRUCTION_STYLES)}, got {instruction!r}")
+    return prompt
 
 
 def _shorten_instruction(row: dict) -> dict:

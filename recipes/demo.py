@@ -164,15 +164,11 @@ def overlay_grid(rows, stages: list[str], out: Path, path: Path, columns: int = 
     if count == 0:
         return
     names = [image_names(rows[i], i)[0] for i in range(count)]
-    grid_rows = [
-        (
-            "ground truth",
-            [
-                overlay(rows[i]["images"][0], [np.asarray(rows[i]["masks"][0]) / 255.0], rows[i]["solution"])
-                for i in range(count)
-            ],
-        )
+    truth = [
+        overlay(rows[i]["images"][0], [np.asarray(rows[i]["masks"][0]) / 255.0], " | ".join(rows[i]["expressions"]))
+        for i in range(count)
     ]
+    grid_rows = [("ground truth", truth)]
     for stage in stages:
         folder = out / "eval" / stage / "sod" / "overlays"
         grid_rows.append((stage, [Image.open(folder / f"{name}.png") for name in names]))
