@@ -574,7 +574,25 @@ def train_and_save(trainer, script_args, model_args, stage: str, metrics: dict |
         all_metrics.update(eval_metrics)
     if trainer.is_world_process_zero():
         write_model_card(trainer, script_args, model_args, stage, all_metrics)
+        if model_args.use_peft:
+            save_merged(trainer, Path(args.output_dir) / MERGED_DIR)
     return all_metrics
+
+
+MERGED_DIR = "merged"
+"""With LoRA, `output_dir/merged` holds the base model with the adapter merged in (a full checkpoint that the next
+stage, `predict` and `eval` load like any other); `output_dir` itself holds the adapter."""
+
+
+def save_merged(trainer, path: Path) -> Path:
+    """Merge the trained LoRA adapter into a copy of the base weights and save it with the processor."""
+    import copy
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    merged = copy.deepcopy(model).merge_and_unload()
+    merged.save_pretrained(path)
+    trainer.processing_class.save_pretrained(path)
+    return path
 
 
 def describe_datasets(specs: Sequence[DatasetSpec]) -> list[str]:

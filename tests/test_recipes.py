@@ -177,6 +177,14 @@ def test_command_line_overrides_the_yaml():
     assert script_args.datasets == [DatasetSpec(name="synthetic", task="cosod", num_samples=7)]
 
 
+def test_resume_from_checkpoint_values():
+    from cgpo_trl.pipeline import resolve_checkpoint
+
+    assert resolve_checkpoint("true") is True and resolve_checkpoint("last") is True  # newest in output_dir
+    assert resolve_checkpoint("out/checkpoint-2") == "out/checkpoint-2"
+    assert resolve_checkpoint(None) is None and resolve_checkpoint("false") is None
+
+
 def test_bad_values_fail_early():
     with pytest.raises(ValueError, match="trainer must be one of"):
         SaliencyScriptArguments(trainer="ppo")
@@ -332,6 +340,27 @@ def test_sft_recipe_trains_and_writes_the_model_card(tmp_path):
     assert "| train_loss |" in card
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3
+
+
+@pytest.mark.slow
+def test_lora_sft_saves_the_adapter_and_a_merged_checkpoint(tiny_checkpoint, tmp_path):
+    from cgpo_trl.models import load_model_and_processor
+
+    script = load_script("sft_saliency")
+    out = tmp_path / "lora"
+    argv = ["--config", str(RECIPES / "saliency" / "demo_cpu_sft.yaml"), "--model_name_or_path", tiny_checkpoint]
+    argv += ["--datasets", '[{"name": "synthetic", "task": "sod", "num_samples": 8}]', "--max_steps", "2"]
+    argv += ["--per_device_train_batch_size", "4", "--output_dir", str(out), "--use_peft", "true"]
+    argv += ["--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj", *CPU]
+    script.main(argv)
+    assert (out / "adapter_model.safetensors").is_file()
+    assert "with LoRA" in (out / "README.md").read_text()
+    merged, processor = load_model_and_processor(out / "merged")
+    base, _ = load_model_and_processor(tiny_checkpoint)
+    assert type(merged) is type(base) and type(processor).__name__ == "ImageOnlyQwen2_5_VLProcessor"
+    name = next(n for n, _ in base.named_parameters() if "q_proj.weight" in n and "visual" not in n)
+    # lr 1e-3 for 2 steps moves the LoRA factors, so the merged q_proj differs from the base one.
+    assert not torch.equal(dict(merged.named_parameters())[name], dict(base.named_parameters())[name])
 
 
 # ------------------------------------------------------------------------------------------------ multi-process
