@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from scipy.optimize import minimize
 from scipy.special import expit
 
 LEVELS = ("sequence", "token")
@@ -177,8 +178,7 @@ def scale_rewards(rewards_per_func: torch.Tensor, weights: torch.Tensor, scaling
 class OnlineCalibrator:
     """Monotone map g: confidence -> expected reward, refitted on a sliding window of recent (c, r) pairs.
 
-    g(c) = sigmoid(a * logit(c) + b) with a >= 0 (Platt scaling with soft targets, fitted by Newton's method in
-    float64). The window holds pairs gathered from every process, so every process fits the same map. Before
+    g(c) = sigmoid(a * logit(c) + b) with a >= 0 (Platt scaling with soft targets, fitted in float64). The window holds pairs gathered from every process, so every process fits the same map. Before
     ``min_pairs`` pairs exist, g is the window's mean reward (a constant baseline; 0 with an empty window).
     """
 
@@ -218,20 +218,27 @@ class OnlineCalibrator:
             setattr(self, key, state[key])
 
 
-def _fit_platt(c: np.ndarray, r: np.ndarray, steps: int = 25, l2: float = 1e-3) -> tuple[float, float]:
+def _fit_platt(c: np.ndarray, r: np.ndarray, l2: float = 1e-3) -> tuple[float, float]:
+    """Fit g(c) = sigmoid(a * logit(c) + b), a >= 0, by soft-target cross-entropy.
+
+    Confidences crowd near 1 (logits with a large mean and a small spread), which makes plain Newton steps diverge;
+    the fit runs on the standardised logit with a bound-constrained quasi-Newton solver and is mapped back.
+    """
     x = np.log(np.clip(c, 1e-4, 1 - 1e-4)) - np.log1p(-np.clip(c, 1e-4, 1 - 1e-4))
     r = np.clip(r, 0.0, 1.0)
-    features = np.stack([x, np.ones_like(x)], axis=1)
-    w = np.array([1.0, 0.0])
-    for _ in range(steps):
-        p = expit(features @ w)
-        grad = features.T @ (p - r) / len(r) + l2 * w
-        hess = (features * (p * (1 - p))[:, None]).T @ features / len(r) + l2 * np.eye(2)
-        w = w - np.linalg.solve(hess, grad)
-    if w[0] < 0:  # keep g monotone: the best non-increasing fit is the constant mean
-        mean = float(np.clip(r.mean(), 1e-4, 1 - 1e-4))
-        return 0.0, math.log(mean / (1 - mean))
-    return float(w[0]), float(w[1])
+    mu, sd = float(x.mean()), float(x.std()) or 1.0
+    z = (x - mu) / sd
+
+    def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
+        logits = w[0] * z + w[1]
+        value = np.mean(np.logaddexp(0.0, logits) - r * logits) + 0.5 * l2 * w[0] ** 2
+        residual = expit(logits) - r
+        return value, np.array([np.mean(residual * z) + l2 * w[0], np.mean(residual)])
+
+    mean = float(np.clip(r.mean(), 1e-4, 1 - 1e-4))
+    start = np.array([0.0, math.log(mean / (1 - mean))])
+    w = minimize(loss, start, jac=True, method="L-BFGS-B", bounds=[(0.0, None), (None, None)]).x
+    return float(w[0] / sd), float(w[1] - w[0] * mu / sd)
 
 
 def expected_calibration_error(c: torch.Tensor, r: torch.Tensor, bins: int = 10) -> float:

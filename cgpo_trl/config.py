@@ -9,7 +9,7 @@ from trl import GRPOConfig
 
 from .confidence import CALIBRATIONS, LEVELS, SPANS, get_confidence_estimator
 
-DEFAULT_ESTIMATOR = {"token": "self_agreement", "sequence": "geo_mean"}
+DEFAULT_ESTIMATOR = {"token": "max_prob", "sequence": "geo_mean"}
 
 
 class _SingleSample(int):
@@ -40,7 +40,8 @@ class CGPOConfig(GRPOConfig):
         confidence (`str`, callable or `None`, defaults to `None`):
             Registry name (`"geo_mean"`, `"arith_mean"`, `"min_prob"`, `"none"` for `"sequence"`; `"max_prob"`,
             `"self_agreement"`, `"neg_entropy"` for `"token"`) or a callable `fn(ConfidenceInputs) -> Tensor`.
-            `None` picks the level's default: `"self_agreement"` (token) or `"geo_mean"` (sequence).
+            `None` picks the level's default: `"max_prob"` (token; the measured default, see the README) or
+            `"geo_mean"` (sequence).
         confidence_span (`str`, defaults to `"completion"`):
             Tokens a sequence confidence is computed over: `"completion"` (all) or `"answer"` (only those between
             `answer_markers`, when present). Token baselines already condition on each position, so `"answer"`
@@ -76,7 +77,7 @@ class CGPOConfig(GRPOConfig):
         default=None,
         metadata={
             "help": "Confidence estimator: registry name for the chosen level, or a callable. Default: "
-            "`self_agreement` for `token`, `geo_mean` for `sequence`."
+            "`max_prob` for `token`, `geo_mean` for `sequence`."
         },
     )
     confidence_span: str = field(
@@ -119,7 +120,7 @@ class CGPOConfig(GRPOConfig):
         if self.num_generations_eval is not None and self.num_generations_eval < 1:
             raise ValueError(f"num_generations_eval must be >= 1, got {self.num_generations_eval}")
         if self.confidence is None:
-            self.confidence = DEFAULT_ESTIMATOR.get(self.confidence_level, "self_agreement")
+            self.confidence = DEFAULT_ESTIMATOR.get(self.confidence_level, "max_prob")
         get_confidence_estimator(self.confidence, self.confidence_level)  # fails early on a bad name
         if self.confidence_span not in SPANS:
             raise ValueError(f"confidence_span={self.confidence_span!r} is not one of {SPANS}")

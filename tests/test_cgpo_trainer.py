@@ -171,7 +171,7 @@ def test_token_advantages_are_masked_and_token_shaped(tmp_path):
     advantages, rewards, mask = trainer.seen[0]
     assert advantages.shape == mask.shape
     assert (advantages[mask == 0] == 0).all()
-    # A_t = r - b_t with b_t = sum_v p^2 in (0, 1]: below the reward, above r - 1
+    # A_t = r - b_t with b_t = max_v p(v | y<t) in (0, 1]: below the reward, above r - 1
     valid = mask.bool()
     expanded = rewards.unsqueeze(1).expand_as(advantages)
     assert (advantages[valid] < expanded[valid]).all() and (advantages[valid] >= expanded[valid] - 1).all()
@@ -207,7 +207,7 @@ def test_cgpo_step_runs_no_extra_forward_pass(tmp_path, beta):
     for name, config in {
         "grpo": GRPOConfig(**common, num_generations=2),
         "cgpo_token_max_prob": CGPOConfig(**common, confidence="max_prob", confidence_calibration="online"),
-        "cgpo_token_self_agreement": CGPOConfig(**common),
+        "cgpo_token_self_agreement": CGPOConfig(**common, confidence="self_agreement"),
         "cgpo_sequence": CGPOConfig(**common, confidence_level="sequence", confidence_span="answer"),
     }.items():
         cls = GRPOTrainer if name == "grpo" else CGPOTrainer
