@@ -234,17 +234,18 @@ def write_report(results: dict, start: dict, out: Path) -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
     fig, ax = plt.subplots(figsize=(9, 5))
+
+    def agg(runs: list[dict], key: str) -> tuple[float, float]:
+        vals = [r[key] for r in runs]
+        sem = statistics.stdev(vals) / math.sqrt(len(vals)) if len(vals) > 1 else float("nan")
+        return statistics.mean(vals), sem
+
     for name, runs in results.items():
-
-        def agg(key):
-            vals = [r[key] for r in runs]
-            spread = statistics.stdev(vals) / math.sqrt(len(vals)) if len(vals) > 1 else float("nan")
-            return statistics.mean(vals), spread
-
-        acc, sem = agg("accuracy")
+        acc, sem = agg(runs, "accuracy")
         lines.append(
-            f"| {name} | {len(runs)} | {acc:.3f} ± {sem:.3f} | {agg('greedy_accuracy')[0]:.3f} | "
-            f"{agg('format')[0]:.3f} | {agg('eos')[0]:.3f} | {agg('entropy_ratio')[0]:.2f} | {agg('seconds')[0]:.0f} |"
+            f"| {name} | {len(runs)} | {acc:.3f} ± {sem:.3f} | {agg(runs, 'greedy_accuracy')[0]:.3f} | "
+            f"{agg(runs, 'format')[0]:.3f} | {agg(runs, 'eos')[0]:.3f} | {agg(runs, 'entropy_ratio')[0]:.2f} | "
+            f"{agg(runs, 'seconds')[0]:.0f} |"
         )
         curve = [sum(vals) / len(vals) for vals in zip(*[r["train_reward"] for r in runs])]
         ax.plot([5 * (i + 1) for i in range(len(curve))], curve, label=name)
