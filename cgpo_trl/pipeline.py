@@ -2,7 +2,7 @@
 assembly, checkpoints and the model card.
 
 `recipes/sft_saliency.py` (stage 1) and `recipes/cgpo_saliency.py` (stage 2) are thin `TrlParser` front ends over
-this module, and `cgpo_trl.demo` calls the same functions in-process, so the commands in the README and the demo
+this module, and `recipes/demo.py` (`make demo`) calls the same functions in-process, so the commands in the README and the demo
 exercise one code path. Everything a run needs comes from three dataclasses, filled from `--config X.yaml` and
 overridable on the command line:
 
@@ -187,6 +187,15 @@ class SaliencyScriptArguments:
             raise ValueError("datasets: at least one training dataset is needed")
         if not self.reward_funcs:
             raise ValueError("reward_funcs: at least one reward function is needed")
+        # Names are checked here, before any data is generated or a model is loaded.
+        from .saliency.rewards import list_rewards
+        from .saliency.segmenters import list_segmenters
+
+        unknown = [name for name in self.reward_funcs if name not in list_rewards()]
+        if unknown:
+            raise ValueError(f"reward_funcs: unknown {unknown}; available: {list_rewards()}")
+        if self.segmenter not in list_segmenters():
+            raise ValueError(f"segmenter: unknown {self.segmenter!r}; available: {list_segmenters()}")
 
 
 def _parse_json(text: str, name: str) -> Any:
@@ -261,6 +270,10 @@ def load_dataset_spec(spec: DatasetSpec):
         for key in ("task", "split", "num_samples"):
             if key in options:
                 raise ValueError(f"dataset {spec.name!r}: give {key!r} at the top level of the entry, not in options")
+        known = [f.name for f in dataclasses.fields(SyntheticConfig)]
+        for key in options:
+            if key not in known:
+                raise ValueError(f"synthetic {spec.task} options: unknown key {key!r}{_suggest(key, known)}")
         config = SyntheticConfig(
             task=spec.task,
             split=spec.split,

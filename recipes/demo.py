@@ -21,10 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
+import torch
 from transformers import TrainerCallback
 
 RECIPES = Path(__file__).resolve().parent / "saliency"
@@ -52,12 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder")
     parser.add_argument("--sft_config", type=Path, default=RECIPES / "demo_cpu_sft.yaml")
     parser.add_argument("--rl_config", type=Path, default=RECIPES / "demo_cpu.yaml")
-    parser.add_argument("--sft_minutes", type=float, default=10.0, help="SFT wall-time budget")
+    parser.add_argument("--sft_minutes", type=float, default=9.0, help="SFT wall-time budget")
     parser.add_argument("--sft_steps", type=int, default=None, help="SFT step cap (default: the YAML's max_steps)")
     parser.add_argument("--rl_steps", type=int, default=None, help="RL steps (default: the YAML's max_steps)")
-    parser.add_argument("--rl_minutes", type=float, default=5.0, help="RL wall-time budget")
+    parser.add_argument("--rl_minutes", type=float, default=4.0, help="RL wall-time budget")
     parser.add_argument("--trainer", choices=("cgpo", "grpo"), default="cgpo", help="stage-2 trainer")
-    parser.add_argument("--eval_samples", type=int, default=200, help="held-out rows per task (CoSOD: groups)")
+    parser.add_argument("--eval_samples", type=int, default=300, help="held-out rows per task (CoSOD: groups)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a few steps and a small eval: checks the plumbing")
     parser.add_argument("--no_progress", action="store_true", help="hide progress bars")
@@ -197,10 +199,24 @@ def write_results(results: dict, out: Path, info: dict) -> None:
     ]
     for stage, metrics in results.items():
         lines.append(f"| {stage} | " + " | ".join(f"{metrics[k]:.3f}" for k in RESULT_KEYS) + " |")
+    sft, rl = results.get("sft"), results.get(info["rl_key"])
+    if sft and rl:
+        deltas = ", ".join(f"{k} {rl[k] - sft[k]:+.3f}" for k in RESULT_KEYS)
+        better = rl["reward"] > sft["reward"]
+        lines += [
+            "",
+            f"{info['rl_name']} minus SFT: {deltas} (MAE: lower is better). "
+            + (
+                f"{info['rl_name']} raised the reward over SFT."
+                if better
+                else f"{info['rl_name']} did not raise the reward over SFT within this budget."
+            ),
+        ]
     lines += [
         "",
         f"- SFT: {info['sft_steps']} steps in {info['sft_seconds']:.0f} s; {info['rl_name']}: {info['rl_steps']} steps "
-        f"in {info['rl_seconds']:.0f} s; total wall time {info['total_seconds'] / 60:.1f} min.",
+        f"in {info['rl_seconds']:.0f} s; total wall time {info['total_seconds'] / 60:.1f} min on {info['cpus']} CPU "
+        f"core(s), {info['torch_threads']} torch thread(s) (timings depend on other load on the machine).",
         "- Curves: `curves.png`; SOD overlays (ground truth, then each stage): `overlays.png`.",
         "- Checkpoints with model cards: `sft/`, `cgpo/`.",
         "",
@@ -303,6 +319,9 @@ def main(argv: list[str] | None = None) -> dict:
         "sft_steps": sft_steps,
         "sft_seconds": sft_seconds,
         "rl_name": rl_name,
+        "rl_key": args.trainer,
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "rl_steps": rl_steps,
         "rl_seconds": rl_seconds,
         "total_seconds": time.monotonic() - started,

@@ -194,6 +194,12 @@ def test_bad_values_fail_early():
         SaliencyScriptArguments(datasets=[{"name": "duts-tr"}])
     with pytest.raises(ValueError, match="segmenter_kwargs: not valid JSON"):
         SaliencyScriptArguments(segmenter_kwargs="{device: cpu")
+    with pytest.raises(ValueError, match=r"reward_funcs: unknown \['saliancy'\]"):
+        SaliencyScriptArguments(reward_funcs=["format", "saliancy"])
+    with pytest.raises(ValueError, match="segmenter: unknown 'evfsam'"):
+        SaliencyScriptArguments(segmenter="evfsam")
+    with pytest.raises(ValueError, match="unknown key 'rules' \\(did you mean 'rule'\\?\\)"):
+        build_mixture([DatasetSpec(name="synthetic", task="sod", num_samples=2, options={"rules": "shape"})])
 
 
 # ------------------------------------------------------------------------------------------------ data
