@@ -254,3 +254,23 @@ def test_resume_restores_calibration_state(tmp_path):
     resumed.train(resume_from_checkpoint=checkpoint)
     assert resumed.state.global_step == 4
     assert resumed.calibrator.rewards[:8] == saved["rewards"] and len(resumed.calibrator.rewards) == 16
+
+
+def test_sequence_confidence_prefers_sampling_logprobs(tmp_path):
+    """With vLLM the sampler's log-probs (NaN where it could not score a token) are the sequence confidence."""
+    model, tokenizer = build_tiny_lm()
+    args = CGPOConfig(
+        **make_args(tmp_path), confidence_level="sequence", confidence="arith_mean", confidence_calibration="none"
+    )
+    trainer = CGPOTrainer(model, [length_reward], args=args, train_dataset=text_dataset(), processing_class=tokenizer)
+    inputs = {
+        "completion_mask": torch.tensor([[1, 1, 1], [1, 1, 0]]),
+        "cgpo_rewards": torch.tensor([1.0, 0.0]),
+        "sampling_per_token_logps": torch.log(torch.tensor([[0.5, float("nan"), 0.7], [0.2, 0.4, 0.9]])),
+    }
+    own_logps = torch.zeros(2, 3)  # the loss pass's log-probs must not be used
+    advantages = trainer._advantages(inputs, own_logps, None, 3)
+    torch.testing.assert_close(advantages, torch.tensor([1.0 - 0.6, 0.0 - 0.3]))
+    inputs.pop("sampling_per_token_logps")
+    inputs["old_per_token_logps"] = torch.log(torch.full((2, 3), 0.25))
+    torch.testing.assert_close(trainer._advantages(inputs, own_logps, None, 3), torch.tensor([0.75, -0.25]))
