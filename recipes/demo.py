@@ -158,7 +158,7 @@ def plot_curves(sft_history: list[dict], rl_history: list[dict], path: Path, rl_
 def overlay_grid(rows, stages: list[str], out: Path, path: Path, columns: int = 6) -> None:
     """One row per stage (ground truth first) of SOD overlays on the same held-out images."""
     import numpy as np
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
     from cgpo_trl.predict import image_names, overlay
 
@@ -176,11 +176,11 @@ def overlay_grid(rows, stages: list[str], out: Path, path: Path, columns: int = 
         grid_rows.append((stage, [Image.open(folder / f"{name}.png") for name in names]))
     width = max(t.width for _, tiles in grid_rows for t in tiles)
     height = max(t.height for _, tiles in grid_rows for t in tiles)
-    margin = 100
+    margin = 120
     grid = Image.new("RGB", (margin + width * count, height * len(grid_rows)), "white")
     draw = ImageDraw.Draw(grid)
     for r, (label, tiles) in enumerate(grid_rows):
-        draw.text((6, r * height + height // 2), label, fill="black")
+        draw.text((6, r * height + height // 2), label, fill="black", font=ImageFont.load_default(size=16))
         for c, tile in enumerate(tiles):
             grid.paste(tile, (margin + c * width, r * height))
     grid.save(path)
