@@ -310,16 +310,43 @@ def test_cgpo_recipe_trains_saves_and_resumes(tiny_checkpoint, tmp_path):
         assert needle in card, needle
     assert "| reward |" in card and "Launch: 1 process(es)" in card
 
-    # Resume from step 2 into a fresh folder: same step count, same optimizer state at step 4 as the straight run.
+    # Resume from step 2 into a fresh folder: training starts at step 2 with checkpoint-2's optimizer moments and
+    # learning-rate schedule, and ends at step 4 with the straight run's step count and learning rate.
+    from transformers import TrainerCallback
+
+    from cgpo_trl.pipeline import train_and_save
+
+    class Snapshot(TrainerCallback):
+        def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+            self.step = state.global_step
+            self.moments = {
+                k: {m: v[m].clone() for m in ("step", "exp_avg")} for k, v in optimizer.state_dict()["state"].items()
+            }
+            self.lr = lr_scheduler.get_last_lr()[0]
+
     second = tmp_path / "second"
-    script.main([*base, "--output_dir", str(second), "--resume_from_checkpoint", str(first / "checkpoint-2")])
-    state = json.loads((second / "trainer_state.json").read_text())
-    assert state["global_step"] == 4
-    resumed, straight = optimizer_state(second / "checkpoint-4"), optimizer_state(first / "checkpoint-4")
-    assert resumed.keys() == straight.keys()
-    for key in straight:
-        assert resumed[key]["step"] == straight[key]["step"] == 4
-        torch.testing.assert_close(resumed[key]["exp_avg_sq"], straight[key]["exp_avg_sq"], rtol=1e-4, atol=1e-10)
+    script_args, training_args, model_args = parse_args(
+        RL_TYPES, [*base, "--output_dir", str(second), "--resume_from_checkpoint", str(first / "checkpoint-2")]
+    )
+    trainer = build_rl_trainer(script_args, training_args, model_args)
+    snapshot = Snapshot()
+    trainer.add_callback(snapshot)
+    train_and_save(trainer, script_args, model_args, stage="rl")
+    saved = optimizer_state(first / "checkpoint-2")
+    assert snapshot.step == 2 and snapshot.moments.keys() == saved.keys()
+    for key, moments in saved.items():
+        assert snapshot.moments[key]["step"] == moments["step"] == 2
+        assert torch.equal(snapshot.moments[key]["exp_avg"], moments["exp_avg"])
+    straight_log = json.loads((first / "trainer_state.json").read_text())["log_history"]
+    resumed_log = json.loads((second / "trainer_state.json").read_text())["log_history"]
+    assert snapshot.lr == pytest.approx(next(h["learning_rate"] for h in straight_log if h.get("step") == 3))
+    assert trainer.state.global_step == 4
+    # The history carries on from the checkpoint's: steps 1-2 restored, 3-4 trained, on the same schedule.
+    assert [h["step"] for h in resumed_log if "loss" in h] == [1, 2, 3, 4]
+    assert [h["learning_rate"] for h in resumed_log if "loss" in h] == [
+        h["learning_rate"] for h in straight_log if "loss" in h
+    ]
+    assert optimizer_state(second / "checkpoint-4")[0]["step"] == 4
 
 
 @pytest.mark.slow
