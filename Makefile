@@ -33,3 +33,6 @@ format: install
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache
+
+demo: install
+	$(PY) recipes/demo.py --out outputs/demo

@@ -98,6 +98,7 @@ def format_reward(completions, completion_ids=None, eos_token_id=None, **kwargs)
 @torch.no_grad()
 def evaluate(model, tokenizer, pairs, samples: int = 4, max_new_tokens: int = 12, batch: int = 128) -> dict:
     """Sampled accuracy (temperature 1), greedy accuracy, format and EOS rates on held-out pairs."""
+    torch.manual_seed(1234)  # the same sampling noise for every model evaluated
     model.eval()
     stats = {"accuracy": 0.0, "greedy_accuracy": 0.0, "format": 0.0, "eos": 0.0}
     n_sampled = 0
@@ -240,7 +241,7 @@ def write_report(results: dict, start: dict, out: Path) -> None:
         sem = statistics.stdev(vals) / math.sqrt(len(vals)) if len(vals) > 1 else float("nan")
         return statistics.mean(vals), sem
 
-    for name, runs in results.items():
+    for index, (name, runs) in enumerate(results.items()):
         acc, sem = agg(runs, "accuracy")
         lines.append(
             f"| {name} | {len(runs)} | {acc:.3f} ± {sem:.3f} | {agg(runs, 'greedy_accuracy')[0]:.3f} | "
@@ -248,7 +249,13 @@ def write_report(results: dict, start: dict, out: Path) -> None:
             f"{agg(runs, 'seconds')[0]:.0f} |"
         )
         curve = [sum(vals) / len(vals) for vals in zip(*[r["train_reward"] for r in runs])]
-        ax.plot([5 * (i + 1) for i in range(len(curve))], curve, label=name)
+        ax.plot(
+            [5 * (i + 1) for i in range(len(curve))],
+            curve,
+            label=name,
+            color=plt.cm.tab20(index),
+            linestyle="--" if name.startswith(("GRPO", "control")) else "-",
+        )
     ax.set_xlabel("RL step")
     ax.set_ylabel("train reward (weighted, logged by TRL)")
     ax.legend(fontsize=7)

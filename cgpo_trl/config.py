@@ -48,7 +48,7 @@ class CGPOConfig(GRPOConfig):
             applies to `"sequence"` only.
         answer_markers (`list[str]`, defaults to `["<answer>", "</answer>"]`):
             Opening and closing markers of the answer span.
-        confidence_calibration (`str`, defaults to `"batch"`):
+        confidence_calibration (`str`, defaults to `"online"`):
             `"none"`: `A = r - c`. `"batch"`: `A = (r - c) - mean_batch(r - c)` over the global batch of the loss
             step. `"online"`: `A = r - g(c)` with `g` a monotone map from confidence to expected reward fitted on a
             sliding window of recent (c, r) pairs from all processes; its state is saved in checkpoints.
@@ -89,7 +89,7 @@ class CGPOConfig(GRPOConfig):
         metadata={"help": "Opening and closing markers of the answer span for confidence_span='answer'."},
     )
     confidence_calibration: str = field(
-        default="batch",
+        default="online",
         metadata={
             "help": "`none`, `batch` (centre r - c over the batch) or `online` (fitted map g(c)).",
             "choices": list(CALIBRATIONS),
