@@ -440,8 +440,16 @@ def test_two_cpu_processes(tiny_checkpoint, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_two_cpu_processes_under_deepspeed_zero2(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("stage, port", [(2, 29533), (3, 29535)])
+def test_two_cpu_processes_under_deepspeed(stage, port, tiny_checkpoint, tmp_path):
     pytest.importorskip("deepspeed")
-    result = launch("zero2.yaml", tiny_checkpoint, tmp_path, 29533, "--mixed_precision", "no")
+    from cgpo_trl.models import load_model_and_processor
+
+    result = launch(f"zero{stage}.yaml", tiny_checkpoint, tmp_path, port, "--mixed_precision", "no")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Launch: 2 process(es), DEEPSPEED ZeRO stage 2" in (tmp_path / "README.md").read_text()
+    assert f"Launch: 2 process(es), DEEPSPEED ZeRO stage {stage}" in (tmp_path / "README.md").read_text()
+    # The final model is saved whole (ZeRO-3 gathers its shards) and loads like any checkpoint.
+    trained, _ = load_model_and_processor(tmp_path)
+    base, _ = load_model_and_processor(tiny_checkpoint)
+    assert trained.state_dict().keys() == base.state_dict().keys()
+    assert all(a.shape == b.shape for a, b in zip(trained.state_dict().values(), base.state_dict().values()))
