@@ -49,6 +49,10 @@ class TimeLimit(TrainerCallback):
             control.should_save = True
 
 
+def say(message: str) -> None:
+    print(f"[demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder")
@@ -260,6 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
         rl_extra += ["--max_steps", str(args.rl_steps)]
 
     # Stage 1: SFT from the tiny random model.
+    say(f"1/3 SFT: generating the synthetic training mixture, then training for at most {args.sft_minutes:g} min")
     sft = stage_args(args.sft_config, sft_extra, (SaliencyScriptArguments, SFTConfig, ModelConfig))
     if args.quick:
         for spec in sft[0].datasets:
@@ -274,6 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
     sft_history, sft_steps = sft_trainer.state.log_history, sft_trainer.state.global_step
 
     # Stage 2: CGPO (or GRPO) from the SFT checkpoint.
+    say(f"2/3 {args.trainer.upper()}: from {out / 'sft'}, at most {args.rl_minutes:g} min")
     rl = stage_args(args.rl_config, rl_extra, (SaliencyScriptArguments, CGPOConfig, ModelConfig))
     if args.quick:
         for spec in rl[0].datasets:
@@ -286,6 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
     rl_history, rl_steps = rl_trainer.state.log_history, rl_trainer.state.global_step
 
     # Evaluation of the three stages on the same held-out rows.
+    say(f"3/3 evaluation: untrained, SFT and {args.trainer.upper()} on {eval_samples} held-out rows per task")
     rows_by_task = eval_rows(rl[0], eval_samples)
     reward_funcs = build_reward_funcs(rl[0], processor, untrained, rl[1].max_completion_length)
     weights = rl[1].reward_weights or [1.0] * len(reward_funcs)
@@ -328,7 +335,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     write_results(results, out, info)
     (out / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    print(f"wrote {out / 'results.md'} ({info['total_seconds'] / 60:.1f} min)", flush=True)
+    say(f"wrote {out / 'results.md'} ({info['total_seconds'] / 60:.1f} min)")
     return results
 
 
