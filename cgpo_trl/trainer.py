@@ -26,7 +26,7 @@ import torch
 from accelerate.utils import is_peft_model
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
-from trl.trainer.utils import add_fused_lm_head
+from trl.trainer.utils import add_fused_lm_head, maybe_gather_lm_head_ctx
 
 from .confidence import (
     ConfidenceInputs,
@@ -246,18 +246,19 @@ class CGPOTrainer(GRPOTrainer):
     @torch.no_grad()
     def _max_logprob(self, logits_to_keep: int) -> torch.Tensor:
         """log max_v p(v | y<t) at the completion positions, from the hidden states the loss pass computed."""
-        model = self.accelerator.unwrap_model(self.model)
-        lm_head = model.get_output_embeddings()
+        lm_head = self.accelerator.unwrap_model(self.model).get_output_embeddings()
+        weight, bias = lm_head.weight, lm_head.bias
         rows = []
-        for hidden, (_, labels) in zip(self._cgpo_hidden, self._cgpo_captured):
-            hidden = hidden[:, :-1][:, -logits_to_keep:]
-            valid = labels[:, 1:][:, -logits_to_keep:] != -100
-            out = torch.zeros(valid.shape, device=hidden.device)
-            for chunk in valid.nonzero().split(4096):
-                h = hidden[chunk[:, 0], chunk[:, 1]].to(lm_head.weight.dtype)
-                logits = lm_head(h).float() / self.temperature
-                out[chunk[:, 0], chunk[:, 1]] = logits.max(-1).values - logits.logsumexp(-1)
-            rows.append(out)
+        with maybe_gather_lm_head_ctx(weight, bias):  # ZeRO-3 shards the head outside its own forward
+            for hidden, (_, labels) in zip(self._cgpo_hidden, self._cgpo_captured):
+                hidden = hidden[:, :-1][:, -logits_to_keep:]
+                valid = labels[:, 1:][:, -logits_to_keep:] != -100
+                out = torch.zeros(valid.shape, device=hidden.device)
+                for chunk in valid.nonzero().split(4096):
+                    h = hidden[chunk[:, 0], chunk[:, 1]].to(weight.dtype)
+                    logits = torch.nn.functional.linear(h, weight, bias).float() / self.temperature
+                    out[chunk[:, 0], chunk[:, 1]] = logits.max(-1).values - logits.logsumexp(-1)
+                rows.append(out)
         return torch.cat(rows)
 
     # ------------------------------------------------------------------ checkpoints

@@ -274,3 +274,46 @@ def test_sequence_confidence_prefers_sampling_logprobs(tmp_path):
     inputs.pop("sampling_per_token_logps")
     inputs["old_per_token_logps"] = torch.log(torch.full((2, 3), 0.25))
     torch.testing.assert_close(trainer._advantages(inputs, own_logps, None, 3), torch.tensor([0.75, -0.25]))
+
+
+@pytest.mark.parametrize("confidence", ["max_prob", "self_agreement", "neg_entropy"])
+def test_token_baselines_equal_the_policy_distribution(tmp_path, confidence):
+    """b_t recomputed from the model's full logits at each completion position: A_t = r - b_t exactly."""
+
+    class Recording(CGPOTrainer):
+        def _compute_loss(self, model, inputs):
+            loss = super()._compute_loss(model, inputs)
+            self.seen = {
+                k: inputs[k].clone()
+                for k in (
+                    "prompt_ids",
+                    "prompt_mask",
+                    "completion_ids",
+                    "completion_mask",
+                    "advantages",
+                    "cgpo_rewards",
+                )
+            }
+            return loss
+
+    model, tokenizer = build_tiny_lm()
+    args = CGPOConfig(
+        **make_args(tmp_path, max_steps=1, learning_rate=0.0), confidence=confidence, confidence_calibration="none"
+    )
+    trainer = Recording(model, [length_reward], args=args, train_dataset=text_dataset(), processing_class=tokenizer)
+    trainer.train()
+    seen = trainer.seen
+    ids = torch.cat([seen["prompt_ids"], seen["completion_ids"]], 1)
+    attention = torch.cat([seen["prompt_mask"], seen["completion_mask"]], 1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attention).logits.float()
+    length = seen["completion_ids"].size(1)
+    probs = logits[:, -length - 1 : -1].softmax(-1)
+    expected = {
+        "max_prob": probs.max(-1).values,
+        "self_agreement": (probs**2).sum(-1),
+        "neg_entropy": torch.exp((probs * probs.clamp_min(1e-30).log()).sum(-1)),
+    }[confidence]
+    mask = seen["completion_mask"].float()
+    want = (seen["cgpo_rewards"].unsqueeze(1) - expected) * mask
+    torch.testing.assert_close(seen["advantages"], want, atol=1e-4, rtol=1e-4)
