@@ -109,6 +109,24 @@ class ReferringSegmenter(abc.ABC):
                 )
 
 
+class InstanceFirstSegmenter(ReferringSegmenter):
+    """A backend that detects instances (boxes or per-object masks): its region is the union of its instances,
+    scored by the best instance, and `_segment_instances` is what it implements."""
+
+    @abc.abstractmethod
+    def _segment_instances(self, images: list[Image.Image], expressions: list[str]) -> list[list[RegionResult]]:
+        """Zero or more `(mask, score)` per pair."""
+
+    def _segment_regions(self, images: list[Image.Image], expressions: list[str]) -> list[RegionResult]:
+        regions = []
+        for image, instances in zip(images, self._segment_instances(images, expressions)):
+            mask = np.zeros((image.height, image.width), dtype=np.float32)
+            for instance, _ in instances:
+                np.maximum(mask, instance, out=mask)
+            regions.append((mask, max((score for _, score in instances), default=0.0)))
+        return regions
+
+
 def image_digest(image: Image.Image) -> str:
     """Content hash of an image: equal pixels give equal keys whatever object holds them."""
     digest = hashlib.blake2b(digest_size=16)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import ReferringSegmenter, register_segmenter, torch_dtype
+from .base import InstanceFirstSegmenter, register_segmenter, torch_dtype
 
 DEFAULT_CHECKPOINT = "IDEA-Research/grounding-dino-tiny"
 DEFAULT_SAM_CHECKPOINT = "facebook/sam-vit-base"
@@ -23,7 +23,7 @@ def _dino_text(expression: str) -> str:
 
 
 @register_segmenter("grounded-sam")
-class GroundedSamSegmenter(ReferringSegmenter):
+class GroundedSamSegmenter(InstanceFirstSegmenter):
     """Args:
     checkpoint: Hub id or local directory of a `GroundingDinoForObjectDetection` and its processor.
     sam_checkpoint: Hub id or local directory of a `SamModel` and its processor.
@@ -147,12 +147,3 @@ class GroundedSamSegmenter(ReferringSegmenter):
             masks = logits.sigmoid().numpy().astype(np.float32)
             results.append([(mask, float(score)) for mask, score in zip(masks, scores)])
         return results
-
-    def _segment_regions(self, images, expressions):
-        regions = []
-        for image, instances in zip(images, self._segment_instances(images, expressions)):
-            mask = np.zeros((image.height, image.width), dtype=np.float32)
-            for instance, _ in instances:
-                np.maximum(mask, instance, out=mask)
-            regions.append((mask, max((score for _, score in instances), default=0.0)))
-        return regions

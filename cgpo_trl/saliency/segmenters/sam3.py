@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import ReferringSegmenter, register_segmenter, torch_dtype
+from .base import InstanceFirstSegmenter, register_segmenter, torch_dtype
 
 DEFAULT_CHECKPOINT = "facebook/sam3"
 TEXT_LENGTH = 32  # Sam3Processor pads every prompt to this many tokens
@@ -35,7 +35,7 @@ def _import_sam3():
 
 
 @register_segmenter("sam3")
-class Sam3Segmenter(ReferringSegmenter):
+class Sam3Segmenter(InstanceFirstSegmenter):
     """Args:
     checkpoint: Hub id or local directory with a `Sam3Model`, its tokenizer and image-processor config.
     device: torch device.
@@ -123,12 +123,3 @@ class Sam3Segmenter(ReferringSegmenter):
                     ]
                 )
         return results
-
-    def _segment_regions(self, images, expressions):
-        regions = []
-        for image, instances in zip(images, self._segment_instances(images, expressions)):
-            mask = np.zeros((image.height, image.width), dtype=np.float32)
-            for instance, _ in instances:
-                np.maximum(mask, instance, out=mask)
-            regions.append((mask, max((score for _, score in instances), default=0.0)))
-        return regions
