@@ -650,7 +650,8 @@ def write_model_card(trainer, script_args, model_args, stage: str, metrics: dict
     if script_args.eval_datasets:
         lines += ["- Evaluation data:", *[f"  - {line}" for line in describe_datasets(script_args.eval_datasets)]]
     state = trainer.accelerator.state
-    setup = f"{state.num_processes} process(es), {state.distributed_type.value}"
+    kind = state.distributed_type.value
+    setup = "1 process" if kind == "NO" else f"{state.num_processes} process(es), {kind}"
     if getattr(state, "deepspeed_plugin", None) is not None:
         setup += f" ZeRO stage {state.deepspeed_plugin.zero_stage}"
     lines.append(f"- Launch: {setup}")

@@ -334,6 +334,18 @@ def main(argv: list[str] | None = None) -> dict:
         "total_seconds": time.monotonic() - started,
     }
     write_results(results, out, info)
+    for stage in ("sft", args.trainer):  # the checkpoints' model cards get the held-out numbers too
+        with open(out / stage / "README.md", "a") as card:
+            card.write(
+                f"\n### Held-out synthetic evaluation (`make demo`, {eval_samples} rows per task, greedy)\n\n"
+                + "| "
+                + " | ".join(RESULT_KEYS)
+                + " |\n|"
+                + "---|" * len(RESULT_KEYS)
+                + "\n| "
+                + " | ".join(f"{results[stage][k]:.3f}" for k in RESULT_KEYS)
+                + " |\n"
+            )
     (out / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
     say(f"wrote {out / 'results.md'} ({info['total_seconds'] / 60:.1f} min)")
     return results

@@ -35,7 +35,8 @@ def test_quick_demo_writes_results_curves_and_overlays(tmp_path):
     assert info["sft_steps"] == 4 and info["rl_steps"] == 2
     for stage in ("sft", "cgpo"):
         assert (tmp_path / stage / "model.safetensors").is_file()
-        assert "Saliency-R1 recipe" in (tmp_path / stage / "README.md").read_text()
+        card = (tmp_path / stage / "README.md").read_text()
+        assert "Saliency-R1 recipe" in card and "Held-out synthetic evaluation" in card
     assert "Segmenter: `shapes`" in (tmp_path / "cgpo" / "README.md").read_text()
 
 

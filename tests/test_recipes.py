@@ -308,7 +308,7 @@ def test_cgpo_recipe_trains_saves_and_resumes(tiny_checkpoint, tmp_path):
     card = (first / "README.md").read_text()
     for needle in ("synthetic (sod)", "Segmenter: `shapes`", "`format` × 0.1", "`saliency` × 1", "CGPOTrainer"):
         assert needle in card, needle
-    assert "| reward |" in card and "Launch: 1 process(es)" in card
+    assert "| reward |" in card and "Launch: 1 process\n" in card
 
     # Resume from step 2 into a fresh folder: training starts at step 2 with checkpoint-2's optimizer moments and
     # learning-rate schedule, and ends at step 4 with the straight run's step count and learning rate.
