@@ -12,7 +12,10 @@ import functools
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
+from datasets import Dataset
+from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 from transformers.models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -201,6 +204,25 @@ def _set_generation_ids(model, tokenizer) -> None:
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.pad_token_id
+
+
+def length_reward(completions, **kwargs) -> list[float]:
+    """A toy reward in [0, 1] that prefers longer completions: enough signal to see parameters move in a few steps."""
+    texts = [c if isinstance(c, str) else c[0]["content"] for c in completions]
+    return [min(len(t) / 30.0, 1.0) for t in texts]
+
+
+def text_prompt_dataset(n: int = 16) -> Dataset:
+    """`n` plain-text prompts (TRL's standard format)."""
+    return Dataset.from_dict({"prompt": [f"What is {i} + {i}?" for i in range(n)]})
+
+
+def image_prompt_dataset(n: int = 8, image_size: int = 56, seed: int = 0) -> Dataset:
+    """`n` conversational prompts, each with one random RGB image in an `images` column (TRL's VLM format)."""
+    rng = np.random.default_rng(seed)
+    images = [[Image.fromarray(rng.integers(0, 255, (image_size, image_size, 3), dtype=np.uint8))] for _ in range(n)]
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Find the salient object."}]}]
+    return Dataset.from_dict({"prompt": [prompt] * n, "images": images})
 
 
 def save_tiny_vlm(path: str | os.PathLike, seed: int = 0, **kwargs) -> str:

@@ -4,38 +4,25 @@ import json
 import math
 import os
 
-import numpy as np
 import pytest
 import torch
-from datasets import Dataset
-from PIL import Image
 from transformers import AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer
 
 from cgpo_trl import CGPOConfig, CGPOTrainer
-from cgpo_trl.testing import build_tiny_lm, build_tiny_vlm, save_tiny_lm
-
-
-def length_reward(completions, **kwargs):
-    """In [0, 1]: longer completions score higher (enough signal for a few steps)."""
-    texts = [c if isinstance(c, str) else c[0]["content"] for c in completions]
-    return [min(len(t) / 30.0, 1.0) for t in texts]
+from cgpo_trl.testing import (
+    build_tiny_lm,
+    build_tiny_vlm,
+    image_prompt_dataset,
+    length_reward,
+    save_tiny_lm,
+    text_prompt_dataset,
+)
 
 
 def has_digit_reward(completions, **kwargs):
     texts = [c if isinstance(c, str) else c[0]["content"] for c in completions]
     return [float(any(ch.isdigit() for ch in t)) for t in texts]
-
-
-def text_dataset(n=16):
-    return Dataset.from_dict({"prompt": [f"What is {i} + {i}?" for i in range(n)]})
-
-
-def image_dataset(n=8):
-    rng = np.random.default_rng(0)
-    images = [[Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8))] for _ in range(n)]
-    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Find the salient object."}]}]
-    return Dataset.from_dict({"prompt": [prompt] * n, "images": images})
 
 
 def make_args(tmp_path, **overrides):
@@ -92,7 +79,9 @@ def test_three_steps_tiny_lm(tmp_path, level, confidence, calibration):
         confidence_calibration=calibration,
         calibration_min_pairs=4,
     )
-    trainer = CGPOTrainer(model, [length_reward], args=args, train_dataset=text_dataset(), processing_class=tokenizer)
+    trainer = CGPOTrainer(
+        model, [length_reward], args=args, train_dataset=text_prompt_dataset(), processing_class=tokenizer
+    )
     assert trainer.num_generations == 1
     assert_trains(trainer, model)
 
@@ -100,7 +89,9 @@ def test_three_steps_tiny_lm(tmp_path, level, confidence, calibration):
 def test_three_steps_tiny_vlm(tmp_path):
     model, processor = build_tiny_vlm()
     args = CGPOConfig(**make_args(tmp_path, per_device_train_batch_size=2))
-    trainer = CGPOTrainer(model, [length_reward], args=args, train_dataset=image_dataset(), processing_class=processor)
+    trainer = CGPOTrainer(
+        model, [length_reward], args=args, train_dataset=image_prompt_dataset(), processing_class=processor
+    )
     assert trainer._is_vlm
     assert_trains(trainer, model)
 
@@ -114,7 +105,7 @@ def test_sequence_answer_span_on_vlm(tmp_path):
         confidence_span="answer",
     )
     trainer = RecordingCGPOTrainer(
-        model, [length_reward], args=args, train_dataset=image_dataset(), processing_class=processor
+        model, [length_reward], args=args, train_dataset=image_prompt_dataset(), processing_class=processor
     )
     trainer.train()
     advantages, rewards, _ = trainer.seen[0]
@@ -130,7 +121,7 @@ def test_lora_three_steps(tmp_path):
         model,
         [length_reward],
         args=args,
-        train_dataset=text_dataset(),
+        train_dataset=text_prompt_dataset(),
         processing_class=tokenizer,
         peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
     )
@@ -152,7 +143,11 @@ def test_independent_samples_are_not_group_normalised(tmp_path):
         reward_weights=[1.0, 3.0],
     )
     trainer = RecordingCGPOTrainer(
-        model, [length_reward, has_digit_reward], args=args, train_dataset=text_dataset(), processing_class=tokenizer
+        model,
+        [length_reward, has_digit_reward],
+        args=args,
+        train_dataset=text_prompt_dataset(),
+        processing_class=tokenizer,
     )
     trainer.train()
     for advantages, rewards, _ in trainer.seen:
@@ -165,7 +160,7 @@ def test_token_advantages_are_masked_and_token_shaped(tmp_path):
     model, tokenizer = build_tiny_lm()
     args = CGPOConfig(**make_args(tmp_path, max_steps=1), confidence_calibration="none")
     trainer = RecordingCGPOTrainer(
-        model, [length_reward], args=args, train_dataset=text_dataset(), processing_class=tokenizer
+        model, [length_reward], args=args, train_dataset=text_prompt_dataset(), processing_class=tokenizer
     )
     trainer.train()
     advantages, rewards, mask = trainer.seen[0]
@@ -212,7 +207,7 @@ def test_cgpo_step_runs_no_extra_forward_pass(tmp_path, beta):
     }.items():
         cls = GRPOTrainer if name == "grpo" else CGPOTrainer
         trainer = cls(
-            checkpoint, [length_reward], args=config, train_dataset=text_dataset(), processing_class=tokenizer
+            checkpoint, [length_reward], args=config, train_dataset=text_prompt_dataset(), processing_class=tokenizer
         )
         counts[name] = count_forwards(trainer)
     # 2 steps: one scoring pass each (the loss); generation makes 8 new tokens + prefill per step
@@ -240,7 +235,9 @@ def test_resume_restores_calibration_state(tmp_path):
     model, tokenizer = build_tiny_lm()
     kwargs = make_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
     args = CGPOConfig(**kwargs, confidence_calibration="online", calibration_min_pairs=4)
-    trainer = CGPOTrainer(model, [length_reward], args=args, train_dataset=text_dataset(), processing_class=tokenizer)
+    trainer = CGPOTrainer(
+        model, [length_reward], args=args, train_dataset=text_prompt_dataset(), processing_class=tokenizer
+    )
     trainer.train()
     checkpoint = os.path.join(args.output_dir, "checkpoint-2")
     with open(os.path.join(checkpoint, "cgpo_state.json")) as f:
@@ -248,7 +245,9 @@ def test_resume_restores_calibration_state(tmp_path):
     assert len(saved["rewards"]) == 8 and saved["a"] is not None
 
     model, tokenizer = build_tiny_lm()
-    resumed = CGPOTrainer(model, [length_reward], args=args, train_dataset=text_dataset(), processing_class=tokenizer)
+    resumed = CGPOTrainer(
+        model, [length_reward], args=args, train_dataset=text_prompt_dataset(), processing_class=tokenizer
+    )
     resumed._load_cgpo_state(checkpoint)
     assert resumed.calibrator.state_dict() == saved
     resumed.train(resume_from_checkpoint=checkpoint)
@@ -262,7 +261,9 @@ def test_sequence_confidence_prefers_sampling_logprobs(tmp_path):
     args = CGPOConfig(
         **make_args(tmp_path), confidence_level="sequence", confidence="arith_mean", confidence_calibration="none"
     )
-    trainer = CGPOTrainer(model, [length_reward], args=args, train_dataset=text_dataset(), processing_class=tokenizer)
+    trainer = CGPOTrainer(
+        model, [length_reward], args=args, train_dataset=text_prompt_dataset(), processing_class=tokenizer
+    )
     inputs = {
         "completion_mask": torch.tensor([[1, 1, 1], [1, 1, 0]]),
         "cgpo_rewards": torch.tensor([1.0, 0.0]),
@@ -300,7 +301,9 @@ def test_token_baselines_equal_the_policy_distribution(tmp_path, confidence):
     args = CGPOConfig(
         **make_args(tmp_path, max_steps=1, learning_rate=0.0), confidence=confidence, confidence_calibration="none"
     )
-    trainer = Recording(model, [length_reward], args=args, train_dataset=text_dataset(), processing_class=tokenizer)
+    trainer = Recording(
+        model, [length_reward], args=args, train_dataset=text_prompt_dataset(), processing_class=tokenizer
+    )
     trainer.train()
     seen = trainer.seen
     ids = torch.cat([seen["prompt_ids"], seen["completion_ids"]], 1)

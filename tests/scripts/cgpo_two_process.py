@@ -5,14 +5,9 @@ import os
 import sys
 
 import torch.distributed as dist
-from datasets import Dataset
 
 from cgpo_trl import CGPOConfig, CGPOTrainer
-from cgpo_trl.testing import build_tiny_lm
-
-
-def length_reward(completions, **kwargs):
-    return [min(len(c) / 30.0, 1.0) for c in completions]
+from cgpo_trl.testing import build_tiny_lm, length_reward, text_prompt_dataset
 
 
 def main(out_dir: str) -> None:
@@ -31,7 +26,7 @@ def main(out_dir: str) -> None:
         confidence_calibration="online",
         calibration_min_pairs=4,
     )
-    dataset = Dataset.from_dict({"prompt": [f"What is {i} + {i}?" for i in range(32)]})
+    dataset = text_prompt_dataset(32)
     trainer = CGPOTrainer(model, [length_reward], args=args, train_dataset=dataset, processing_class=tokenizer)
     trainer.train()
     rank = trainer.accelerator.process_index
