@@ -1,0 +1,476 @@
+"""What one rollout per prompt saves: CGPO against GRPO (G = 2, 4, 8), measured side by side in one process.
+
+Two regimes, each with the same model, data, rewards, prompts per step and seed for every configuration:
+
+- `latency`: the tiny demo Qwen2.5-VL (0.66 M parameters; the SFT-warmed checkpoint when one exists) on synthetic
+  SOD with the `format` + `saliency` rewards through the `shapes` segmenter, few prompts per step;
+- `compute`: a larger random text LM (Qwen2, 6 layers x 384 hidden, ~11 M parameters) on two-number addition
+  (the task of `cgpo_text_variants.py`), >= 16 prompts per step. A VLM of that size is too slow on 2 shared cores.
+
+Every configuration generates the same total number of completions (CGPO runs G times the steps of GRPO(G)), so
+held-out reward can be compared at equal steps, equal completions and equal wall time. Repeats are interleaved
+(repeat 1 of every configuration, then repeat 2, ...) and step times are summarised by median and half-IQR.
+
+Per configuration: wall time per optimizer step and its split (generation, reward/segmenter, loss forward+backward,
+confidence — CGPO's `_advantages` —, the rest: optimizer step, tokenisation, data), completion tokens and model
+forward calls per step, peak RSS during the run, GRPO's fraction of groups with zero reward spread
+(`frac_reward_zero_std`), and held-out reward against steps, completions and wall time.
+
+    python benchmarks/cgpo_vs_grpo.py --out benchmarks/results/cgpo_vs_grpo [--repeats 3] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from trl import GRPOConfig, GRPOTrainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cgpo_text_variants import correctness_reward, format_reward, make_pairs, prompt  # noqa: E402
+from common import (  # noqa: E402
+    REWARD_WEIGHTS,
+    RSSSampler,
+    StepProfiler,
+    evaluate_saliency,
+    logged,
+    max_rss_mib,
+    median_spread,
+    saliency_rewards,
+    saliency_rows,
+    slug,
+)
+
+from cgpo_trl import CGPOConfig, CGPOTrainer  # noqa: E402
+from cgpo_trl.testing import build_tiny_lm, save_pretrained  # noqa: E402
+
+CONFIGS = ("CGPO", "GRPO G=2", "GRPO G=4", "GRPO G=8")
+TARGETS = {
+    "step_ratio": "CGPO step wall time <= 0.35 x GRPO(G=4), equal prompts per step",
+    "confidence_share": "confidence <= 3% of a CGPO step",
+    "equal_completions": "held-out reward at equal completions: CGPO >= GRPO",
+}
+
+
+def group_size(name: str) -> int:
+    return 1 if name == "CGPO" else int(name.split("=")[1])
+
+
+# ------------------------------------------------------------------------------------------ regimes
+class Regime:
+    """Model factory, training data, rewards and held-out evaluation of one regime."""
+
+    name: str
+    max_completion_length: int
+
+    def model(self):
+        raise NotImplementedError
+
+    def evaluate(self, model, processing_class) -> float:
+        raise NotImplementedError
+
+
+class LatencyRegime(Regime):
+    name = "latency"
+    max_completion_length = 32
+
+    def __init__(self, checkpoint: Path | None, work: Path, train_rows: int, eval_rows: int):
+        from cgpo_trl.testing import save_tiny_vlm
+
+        if checkpoint is None or not (checkpoint / "config.json").exists():
+            checkpoint = work / "tiny_vlm_random"
+            if not (checkpoint / "config.json").exists():
+                save_tiny_vlm(checkpoint)
+            self.start = "random init (no SFT checkpoint found)"
+        else:
+            self.start = f"SFT-warmed checkpoint {checkpoint}"
+        self.checkpoint = checkpoint
+        self.dataset = saliency_rows(train_rows, "train", seed=1)
+        self.held_out = saliency_rows(eval_rows, "validation")
+        self.description = (
+            f"tiny Qwen2.5-VL (0.66 M params, {self.start}); synthetic SOD, 56 px; rewards format (0.1) + saliency "
+            f"(1.0) via the `shapes` segmenter; max {self.max_completion_length} completion tokens"
+        )
+
+    def model(self):
+        from cgpo_trl.models import load_model_and_processor
+
+        return load_model_and_processor(str(self.checkpoint))
+
+    def reward_funcs(self, model, processor):
+        self._funcs = saliency_rewards(processor, model, self.max_completion_length)
+        return self._funcs, REWARD_WEIGHTS
+
+    def evaluate(self, model, processor) -> float:
+        return evaluate_saliency(model, processor, self.held_out, self._funcs, self.max_completion_length)["reward"]
+
+
+class ComputeRegime(Regime):
+    name = "compute"
+    max_completion_length = 16
+
+    def __init__(self, work: Path, hidden: int, layers: int, eval_prompts: int):
+        self.checkpoint = work / f"lm_{layers}x{hidden}"
+        if not (self.checkpoint / "config.json").exists():
+            save_pretrained(*build_tiny_lm(seed=0, hidden_size=hidden, num_layers=layers), self.checkpoint)
+        train_pairs, eval_pairs = make_pairs(30)
+        self.dataset = Dataset.from_dict({"prompt": [prompt(a, b) for a, b in train_pairs]})
+        self.eval_pairs = eval_pairs[:eval_prompts]
+        params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(self.checkpoint).parameters())
+        self.description = (
+            f"random Qwen2 LM, {layers} layers x {hidden} hidden ({params / 1e6:.1f} M params); addition "
+            f"'a+b=' -> '<answer>a+b</answer>', rewards correctness (1.0) + format (0.1); max "
+            f"{self.max_completion_length} completion tokens"
+        )
+
+    def model(self):
+        tokenizer = AutoTokenizer.from_pretrained(self.checkpoint)
+        tokenizer.padding_side = "left"
+        return AutoModelForCausalLM.from_pretrained(self.checkpoint), tokenizer
+
+    def reward_funcs(self, model, tokenizer):
+        eos = tokenizer.eos_token_id
+
+        def fmt(completions, completion_ids=None, **kwargs):
+            return format_reward(completions, completion_ids, eos)
+
+        fmt.__name__ = "format"
+        self._fmt = fmt
+        return [correctness_reward, fmt], [1.0, 0.1]
+
+    @torch.no_grad()
+    def evaluate(self, model, tokenizer) -> float:
+        model.eval()
+        prompts = [prompt(a, b) for a, b in self.eval_pairs]
+        enc = tokenizer(prompts, return_tensors="pt", padding=True)
+        out = model.generate(
+            **enc, do_sample=False, max_new_tokens=self.max_completion_length, pad_token_id=tokenizer.pad_token_id
+        )[:, enc["input_ids"].size(1) :]
+        ids = out.tolist()
+        eos = tokenizer.eos_token_id
+        ids = [row[: row.index(eos) + 1] if eos in row else row for row in ids]
+        texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+        correct = correctness_reward(prompts, texts)
+        fmt = self._fmt(texts, ids)
+        model.train()
+        return sum((c + 0.1 * f) / 1.1 for c, f in zip(correct, fmt)) / len(texts)
+
+
+class HeldOut(TrainerCallback):
+    """Held-out reward whenever the completions generated so far cross the next checkpoint (time excluded)."""
+
+    def __init__(self, regime, model, processing_class, profiler: StepProfiler, every: int):
+        self.regime, self.model, self.processing_class = regime, model, processing_class
+        self.profiler, self.every = profiler, every
+        self.points: list[dict] = []
+        self.next = 0
+
+    def measure(self, step: int) -> None:
+        start = time.perf_counter()
+        reward = self.regime.evaluate(self.model, self.processing_class)
+        steps = self.profiler.steps
+        self.points.append(
+            dict(
+                step=step,
+                completions=sum(s["completions"] for s in steps),
+                wall=sum(s["wall"] for s in steps),
+                reward=reward,
+            )
+        )
+        self.next += self.every
+        self.profiler.excluded += time.perf_counter() - start
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.measure(0)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if sum(s["completions"] for s in self.profiler.steps) >= self.next:
+            self.measure(state.global_step)
+
+
+def run_config(
+    regime, name: str, prompts_per_step: int, total_completions: int, seed: int, lr: float, eval_points: int, out: Path
+) -> dict:
+    g = group_size(name)
+    steps = max(total_completions // (prompts_per_step * g), 1)
+    model, processing_class = regime.model()
+    funcs, weights = regime.reward_funcs(model, processing_class)
+    common = dict(
+        output_dir=str(out / "runs" / regime.name / slug(name)),
+        use_cpu=True,
+        bf16=False,
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        max_steps=steps,
+        per_device_train_batch_size=prompts_per_step * g,
+        max_completion_length=regime.max_completion_length,
+        temperature=1.0,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        seed=seed,
+        reward_weights=weights,
+        adam_beta2=0.98,
+        max_grad_norm=1.0,
+        disable_tqdm=True,
+        beta=0.0,
+    )
+    if g == 1:
+        trainer = CGPOTrainer(
+            model, funcs, args=CGPOConfig(**common), train_dataset=regime.dataset, processing_class=processing_class
+        )
+    else:
+        trainer = GRPOTrainer(
+            model,
+            funcs,
+            args=GRPOConfig(**common, num_generations=g),
+            train_dataset=regime.dataset,
+            processing_class=processing_class,
+        )
+    profiler = StepProfiler(trainer)
+    held_out = HeldOut(regime, model, processing_class, profiler, max(total_completions // eval_points, 1))
+    trainer.add_callback(held_out)
+    with RSSSampler() as rss:
+        trainer.train()
+    if not held_out.points or held_out.points[-1]["step"] != steps:
+        held_out.measure(steps)
+    zero_std = logged(trainer, "frac_reward_zero_std")
+    return dict(
+        steps=profiler.steps,
+        held_out=held_out.points,
+        peak_rss_mib=rss.peak,
+        frac_reward_zero_std=sum(zero_std) / len(zero_std) if zero_std else None,
+        train_reward=logged(trainer, "reward"),
+    )
+
+
+def summarise(runs: list[dict], warmup: int) -> dict:
+    """Median and half-IQR over every measured step of every repeat (the first `warmup` steps of each run skipped:
+    they include lazy initialisation)."""
+    steps = [s for run in runs for s in run["steps"][warmup:]] or [s for run in runs for s in run["steps"]]
+    out = {}
+    for key in (
+        "wall",
+        "generation",
+        "reward",
+        "forward_backward",
+        "confidence",
+        "other",
+        "completion_tokens",
+        "forward_calls",
+        "completions",
+    ):
+        out[key], out[key + "_spread"] = median_spread([s[key] for s in steps])
+    out["confidence_share"] = median_spread([s["confidence"] / s["wall"] for s in steps])[0]
+    out["peak_rss_mib"] = max(run["peak_rss_mib"] for run in runs)
+    zero = [run["frac_reward_zero_std"] for run in runs if run["frac_reward_zero_std"] is not None]
+    out["frac_reward_zero_std"] = sum(zero) / len(zero) if zero else None
+    finals = [run["held_out"][-1]["reward"] for run in runs]
+    out["held_out_start"] = runs[0]["held_out"][0]["reward"]
+    out["held_out_final"], out["held_out_final_spread"] = median_spread(finals)
+    out["train_wall"] = median_spread([sum(s["wall"] for s in run["steps"]) for run in runs])[0]
+    return out
+
+
+def fmt_ms(value: float, spread: float | None = None) -> str:
+    if value is None or math.isnan(value):
+        return "n/a"
+    digits = 1 if abs(value) < 0.01 else 0
+    text = f"{value * 1e3:.{digits}f}"
+    return f"{text} ± {spread * 1e3:.{digits}f}" if spread is not None else text
+
+
+def report(results: dict, out: Path) -> str:
+    lines = []
+    for regime, data in results["regimes"].items():
+        summary = {name: summarise(runs, data["warmup"]) for name, runs in data["runs"].items() if runs}
+        data["summary"] = summary
+        lines += [
+            f"### Regime `{regime}`: {data['description']}",
+            "",
+            f"{data['prompts_per_step']} prompts per step, {data['total_completions']} completions per run, "
+            f"{len(next(iter(data['runs'].values())))} interleaved repeats; lr {data['lr']}. Times: median ± half-IQR "
+            "per optimizer step in ms.",
+            "",
+            "| config | step | generation | reward/segmenter | fwd+bwd | confidence | other | completion tokens/step "
+            "| forward calls/step | peak RSS MiB | zero-std groups | held-out reward start → end |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, s in summary.items():
+            zero = "n/a" if s["frac_reward_zero_std"] is None else f"{s['frac_reward_zero_std']:.2f}"
+            lines.append(
+                f"| {name} | {fmt_ms(s['wall'], s['wall_spread'])} | {fmt_ms(s['generation'])} | "
+                f"{fmt_ms(s['reward'])} | {fmt_ms(s['forward_backward'])} | {fmt_ms(s['confidence'])} | "
+                f"{fmt_ms(s['other'])} | {s['completion_tokens']:.0f} | {s['forward_calls']:.0f} | "
+                f"{s['peak_rss_mib']:.0f} | {zero} | {s['held_out_start']:.3f} → {s['held_out_final']:.3f} "
+                f"± {s['held_out_final_spread']:.3f} |"
+            )
+        lines += ["", *target_lines(summary), ""]
+    text = "\n".join(lines)
+    (out / "cgpo_vs_grpo.md").write_text(f"Measured on {results['machine']}.\n\n" + text + "\n")
+    plot(results, out)
+    return text
+
+
+def target_lines(summary: dict) -> list[str]:
+    if "CGPO" not in summary or "GRPO G=4" not in summary:
+        return []
+    cgpo, grpo4 = summary["CGPO"], summary["GRPO G=4"]
+    ratio = cgpo["wall"] / grpo4["wall"]
+    share = cgpo["confidence_share"]
+    grpos = {n: s for n, s in summary.items() if n != "CGPO"}
+    best = max(grpos, key=lambda n: grpos[n]["held_out_final"])
+    ok = [ratio <= 0.35, share <= 0.03, cgpo["held_out_final"] >= grpos[best]["held_out_final"]]
+    mark = ["met" if m else "**missed**" for m in ok]
+    return [
+        "| target | measured | |",
+        "|---|---|---|",
+        f"| {TARGETS['step_ratio']} | {ratio:.2f}x | {mark[0]} |",
+        f"| {TARGETS['confidence_share']} | {100 * share:.1f}% | {mark[1]} |",
+        f"| {TARGETS['equal_completions']} | CGPO {cgpo['held_out_final']:.3f} vs best GRPO ({best}) "
+        f"{grpos[best]['held_out_final']:.3f} | {mark[2]} |",
+    ]
+
+
+def plot(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    regimes = results["regimes"]
+    fig, axes = plt.subplots(len(regimes), 4, figsize=(18, 4 * len(regimes)), squeeze=False)
+    for row, (regime, data) in enumerate(regimes.items()):
+        summary = data["summary"]
+        names = list(summary)
+        bottom = [0.0] * len(names)
+        for key in ("generation", "reward", "forward_backward", "other"):
+            values = [max(summary[n][key], 0.0) for n in names]
+            axes[row][0].bar(names, values, bottom=bottom, label=key)
+            bottom = [b + v for b, v in zip(bottom, values)]
+        axes[row][0].set_ylabel("seconds per step (median)")
+        axes[row][0].set_title(f"{regime}: step time split")
+        axes[row][0].legend(fontsize=7)
+        for col, (key, label) in enumerate(
+            (
+                ("step", "optimizer steps"),
+                ("completions", "completions generated"),
+                ("wall", "training wall time (s)"),
+            ),
+            start=1,
+        ):
+            ax = axes[row][col]
+            for name, runs in data["runs"].items():
+                xs = [p[key] for p in runs[0]["held_out"]]
+                ys = [sum(vals) / len(vals) for vals in zip(*[[p["reward"] for p in r["held_out"]] for r in runs])]
+                if key == "wall":
+                    xs = [sum(vals) / len(vals) for vals in zip(*[[p["wall"] for p in r["held_out"]] for r in runs])]
+                ax.plot(xs, ys, marker="o", label=name)
+            ax.set_xlabel(label)
+            ax.set_ylabel("held-out reward (mean of repeats)")
+            ax.set_title(f"{regime}: held-out reward vs {label}")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "cgpo_vs_grpo.png", dpi=80)
+    plt.close(fig)
+
+
+def machine() -> str:
+    cores = os.cpu_count()
+    return (
+        f"{platform.machine()} CPU, {cores} cores shared with other workers, OMP_NUM_THREADS="
+        f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, torch {torch.__version__}"
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cgpo_vs_grpo"))
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=Path("outputs/bench/cgpo_vs_grpo"),
+        help="checkpoints and trainer folders (not committed)",
+    )
+    parser.add_argument("--regimes", nargs="*", default=["latency", "compute"])
+    parser.add_argument("--configs", nargs="*", default=list(CONFIGS))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="latency regime's start (default: outputs/demo/sft, else outputs/bench/variants/sft)",
+    )
+    parser.add_argument("--latency_prompts", type=int, default=4)
+    parser.add_argument("--latency_completions", type=int, default=256, help="completions per run")
+    parser.add_argument("--compute_prompts", type=int, default=16)
+    parser.add_argument("--compute_completions", type=int, default=256)
+    parser.add_argument("--hidden", type=int, default=384)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--eval_size", type=int, default=64, help="held-out images / prompts")
+    parser.add_argument("--eval_points", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true", help="a few steps of a tiny setup (tests)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.repeats, args.latency_prompts, args.latency_completions = 1, 2, 16
+        args.compute_prompts, args.compute_completions, args.hidden, args.layers = 2, 16, 64, 2
+        args.eval_size, args.eval_points = 4, 2
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    path = args.out / "cgpo_vs_grpo.json"
+    results = json.loads(path.read_text()) if path.exists() and not args.smoke else {}
+    results.update(machine=machine(), args={k: str(v) for k, v in vars(args).items()})
+    results.setdefault("regimes", {})
+    checkpoint = args.checkpoint or next(
+        (p for p in (Path("outputs/demo/sft"), Path("outputs/bench/variants/sft")) if (p / "config.json").exists()),
+        None,
+    )
+    for regime_name in args.regimes:
+        if regime_name == "latency":
+            regime = LatencyRegime(checkpoint, args.work, 1024 if not args.smoke else 64, args.eval_size)
+            prompts, total = args.latency_prompts, args.latency_completions
+        else:
+            regime = ComputeRegime(args.work, args.hidden, args.layers, args.eval_size)
+            prompts, total = args.compute_prompts, args.compute_completions
+        data = results["regimes"].setdefault(regime_name, {})
+        if data.get("prompts_per_step") != prompts or data.get("total_completions") != total:
+            data.clear()  # a different setup: the old repeats are not comparable
+        data.update(
+            description=regime.description,
+            prompts_per_step=prompts,
+            total_completions=total,
+            lr=args.lr,
+            warmup=0 if args.smoke else 1,
+        )
+        data.setdefault("runs", {})
+        for repeat in range(args.repeats):  # interleaved: repeat r of every configuration, then r + 1
+            for name in args.configs:
+                runs = data["runs"].setdefault(name, [])
+                if len(runs) > repeat:
+                    continue
+                random.seed(args.seed)
+                start = time.perf_counter()
+                runs.append(run_config(regime, name, prompts, total, args.seed, args.lr, args.eval_points, args.work))
+                print(f"[{regime_name}] {name} repeat {repeat}: {time.perf_counter() - start:.0f} s", flush=True)
+                path.write_text(json.dumps(results, indent=1))
+    results["process_peak_rss_mib"] = max_rss_mib()
+    print(report(results, args.out))
+    path.write_text(json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()

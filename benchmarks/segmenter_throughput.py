@@ -1,0 +1,416 @@
+"""Masks per second of every referring-segmenter backend available offline, and what the cache saves in training.
+
+Backends: `shapes` (weight-free, the demo's) and the transformers backends `clipseg`, `sam3`, `grounded-sam` and
+`evf-sam` with tiny random checkpoints built here from configs (the published weights cannot be downloaded on this
+machine; their numbers measure the pipeline's overhead — preprocessing, batching, postprocessing — not a real model's
+compute). Workload: synthetic SOD images and their ground-truth referring expressions.
+
+Per backend: batch 1 (one pair per call, cache off), batched (every pair in one call; transformers backends batch
+internally), cache on (a second pass over the same pairs: all hits). Then the cache hit rate seen by the `shapes`
+segmenter in a short CGPO run of the tiny demo VLM (the SFT-warmed checkpoint when present).
+
+    python benchmarks/segmenter_throughput.py --out benchmarks/results/segmenter_throughput [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REWARD_WEIGHTS, saliency_rewards, saliency_rows  # noqa: E402
+
+from cgpo_trl.saliency.segmenters import load_segmenter  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------ tiny checkpoints
+def _clip_tokenizer():
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in sorted(ByteLevel.alphabet()):
+        vocab.setdefault(char, len(vocab))
+        vocab.setdefault(char + "</w>", len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=[])
+
+
+def tiny_clipseg(path: Path) -> dict:
+    from transformers import CLIPSegConfig, CLIPSegForImageSegmentation, CLIPSegProcessor, ViTImageProcessorPil
+
+    tokenizer = _clip_tokenizer()
+    config = CLIPSegConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=64,
+            patch_size=16,
+        ),
+        projection_dim=16,
+        reduce_dim=16,
+        extract_layers=[1],
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=32,
+    )
+    torch.manual_seed(0)
+    CLIPSegForImageSegmentation(config).save_pretrained(path)
+    CLIPSegProcessor(
+        image_processor=ViTImageProcessorPil(size={"height": 64, "width": 64}), tokenizer=tokenizer
+    ).save_pretrained(path)
+    return {"checkpoint": str(path)}
+
+
+def tiny_sam3(path: Path) -> dict:
+    from transformers import Sam3Config, Sam3Model
+
+    tokenizer = _clip_tokenizer()
+    config = Sam3Config(
+        vision_config=dict(
+            backbone_config=dict(
+                model_type="sam3_vit_model",
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                image_size=112,
+                patch_size=14,
+                window_size=4,
+                global_attn_indexes=[1],
+                pretrain_image_size=112,
+            ),
+            fpn_hidden_size=32,
+            backbone_feature_sizes=[[32, 32], [16, 16], [8, 8]],
+        ),
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            projection_dim=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=32,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        ),
+        geometry_encoder_config=dict(hidden_size=32, num_layers=1, num_attention_heads=2, intermediate_size=64),
+        detr_encoder_config=dict(hidden_size=32, num_layers=1, num_attention_heads=2, intermediate_size=64),
+        detr_decoder_config=dict(
+            hidden_size=32, num_layers=1, num_queries=8, num_attention_heads=2, intermediate_size=64
+        ),
+        mask_decoder_config=dict(hidden_size=32, num_upsampling_stages=3, num_attention_heads=2),
+    )
+    torch.manual_seed(0)
+    Sam3Model(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    # Sam3ImageProcessor needs torchvision; the backend reads only this JSON.
+    (path / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_processor_type": "Sam3ImageProcessor",
+                "size": {"height": 112, "width": 112},
+                "image_mean": [0.5, 0.5, 0.5],
+                "image_std": [0.5, 0.5, 0.5],
+                "rescale_factor": 1 / 255,
+            }
+        )
+    )
+    return {"checkpoint": str(path), "score_threshold": 0.0}
+
+
+def tiny_grounded_sam(path: Path) -> dict:
+    from transformers import (
+        BertTokenizer,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoImageProcessorPil,
+        GroundingDinoProcessor,
+        SamConfig,
+        SamImageProcessorPil,
+        SamModel,
+        SamProcessor,
+    )
+
+    dino, sam = path / "grounding-dino", path / "sam"
+    dino.mkdir(parents=True, exist_ok=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "the", "a", "on"]
+    words += list("abcdefghijklmnopqrstuvwxyz") + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
+    (dino / "vocab.txt").write_text("\n".join(words))
+    tokenizer = BertTokenizer(str(dino / "vocab.txt"))
+    config = GroundingDinoConfig(
+        backbone_config=dict(
+            model_type="swin",
+            image_size=64,
+            embed_dim=8,
+            depths=[1, 1, 1, 1],
+            num_heads=[1, 1, 1, 1],
+            window_size=2,
+            out_features=["stage2", "stage3", "stage4"],
+            out_indices=[2, 3, 4],
+        ),
+        text_config=dict(
+            model_type="bert",
+            vocab_size=len(words),
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+        ),
+        num_queries=10,
+        encoder_layers=1,
+        decoder_layers=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        d_model=32,
+        max_text_len=32,
+        encoder_n_points=2,
+        decoder_n_points=2,
+    )
+    torch.manual_seed(0)
+    GroundingDinoForObjectDetection(config).save_pretrained(dino)
+    GroundingDinoProcessor(
+        image_processor=GroundingDinoImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 96}),
+        tokenizer=tokenizer,
+    ).save_pretrained(dino)
+    config = SamConfig(
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=64,
+            patch_size=16,
+            output_channels=16,
+            window_size=2,
+            global_attn_indexes=[0],
+            mlp_dim=32,
+            num_pos_feats=8,
+        ),
+        prompt_encoder_config=dict(hidden_size=16, image_size=64, patch_size=16, mask_input_channels=4),
+        mask_decoder_config=dict(
+            hidden_size=16, num_hidden_layers=1, num_attention_heads=2, mlp_dim=32, iou_head_hidden_dim=16
+        ),
+    )
+    SamModel(config).save_pretrained(sam)
+    SamProcessor(
+        image_processor=SamImageProcessorPil(size={"longest_edge": 64}, pad_size={"height": 64, "width": 64})
+    ).save_pretrained(sam)
+    return {
+        "checkpoint": str(dino),
+        "sam_checkpoint": str(sam),
+        "box_threshold": 0.0,
+        "text_threshold": 0.0,
+        "max_instances": 3,
+    }
+
+
+def tiny_evf_sam(path: Path) -> dict:
+    from cgpo_trl.saliency.segmenters.evf.tiny import save_tiny_checkpoint
+
+    return {"checkpoint": save_tiny_checkpoint(path)}
+
+
+TINY = {"clipseg": tiny_clipseg, "sam3": tiny_sam3, "grounded-sam": tiny_grounded_sam, "evf-sam": tiny_evf_sam}
+BACKENDS = ("shapes", *TINY)
+
+
+# ------------------------------------------------------------------------------------------ measurements
+def timed(fn, repeats: int) -> float:
+    """Best of `repeats` wall times (the least disturbed by the other processes on the machine)."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure_backend(name: str, options: dict, images, expressions, batch_size: int, repeats: int) -> dict:
+    kwargs = dict(options)
+    if name != "shapes":
+        kwargs["batch_size"] = batch_size
+    plain = load_segmenter(name, cache_size=None, **kwargs)
+    n = len(images)
+    plain.segment(images[:2], expressions[:2])  # warm-up: lazy initialisation, first-call allocations
+    one = timed(lambda: [plain.segment([im], [ex]) for im, ex in zip(images, expressions)], repeats)
+    batched = timed(lambda: plain.segment(images, expressions), repeats)
+    cached = load_segmenter(name, cache_size=4 * n, **kwargs)
+    start = time.perf_counter()
+    cached.segment(images, expressions)
+    cold = time.perf_counter() - start
+    warm = timed(lambda: cached.segment(images, expressions), repeats)
+    return {
+        "pairs": n,
+        "batch1_masks_per_s": n / one,
+        "batched_masks_per_s": n / batched,
+        "cache_cold_masks_per_s": n / cold,
+        "cache_warm_masks_per_s": n / warm,
+        "cache_hits": cached.hits,
+        "cache_misses": cached.misses,
+    }
+
+
+def cgpo_cache_hit_rate(checkpoint: Path | None, steps: int, prompts: int, train_rows: int, out: Path) -> dict:
+    """Hit rate of the shapes segmenter's cache over a short CGPO run (16 completions per step by default)."""
+    from cgpo_trl import CGPOConfig, CGPOTrainer
+    from cgpo_trl.models import load_model_and_processor
+    from cgpo_trl.testing import save_tiny_vlm
+
+    if checkpoint is None or not (checkpoint / "config.json").exists():
+        checkpoint = out / "tiny_vlm_random"
+        save_tiny_vlm(checkpoint)
+        start = "random init"
+    else:
+        start = str(checkpoint)
+    model, processor = load_model_and_processor(str(checkpoint))
+    funcs = saliency_rewards(processor, model, 32)
+    segmenter = funcs[1].segmenter
+    args = CGPOConfig(
+        output_dir=str(out / "cgpo"),
+        use_cpu=True,
+        bf16=False,
+        learning_rate=1e-4,
+        max_steps=steps,
+        per_device_train_batch_size=prompts,
+        max_completion_length=32,
+        report_to=[],
+        save_strategy="no",
+        reward_weights=REWARD_WEIGHTS,
+        disable_tqdm=True,
+        logging_steps=steps,
+    )
+    trainer = CGPOTrainer(
+        model, funcs, args=args, train_dataset=saliency_rows(train_rows, "train", seed=1), processing_class=processor
+    )
+    start_time = time.perf_counter()
+    trainer.train()
+    total = segmenter.hits + segmenter.misses
+    return {
+        "start": start,
+        "steps": steps,
+        "completions": steps * prompts,
+        "train_rows": train_rows,
+        "hits": segmenter.hits,
+        "misses": segmenter.misses,
+        "hit_rate": segmenter.hits / total if total else 0.0,
+        "seconds": time.perf_counter() - start_time,
+    }
+
+
+def report(results: dict, out: Path) -> str:
+    lines = [
+        f"Measured on {results['machine']}; {results['pairs']} synthetic SOD pairs ({results['image_size']} px), "
+        f"backend batch size {results['batch_size']}, best of {results['repeats']}. Transformers backends use tiny "
+        "random checkpoints (pipeline overhead, not real-model compute).",
+        "",
+        "| backend | batch 1 masks/s | batched masks/s | cache cold masks/s | cache warm (all hits) masks/s |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in results["backends"].items():
+        if "error" in r:
+            lines.append(f"| {name} | unavailable: {r['error']} | | | |")
+            continue
+        lines.append(
+            f"| {name} | {r['batch1_masks_per_s']:.1f} | {r['batched_masks_per_s']:.1f} | "
+            f"{r['cache_cold_masks_per_s']:.1f} | {r['cache_warm_masks_per_s']:.0f} |"
+        )
+    run = results.get("cgpo_run")
+    if run:
+        lines += [
+            "",
+            f"Cache hit rate of the `shapes` segmenter in a short CGPO run ({run['start']}; {run['steps']} "
+            f"steps, {run['completions']} completions over a pool of {run['train_rows']} training images): "
+            f"**{run['hit_rate']:.1%}** ({run['hits']} hits, {run['misses']} misses).",
+        ]
+    text = "\n".join(lines) + "\n"
+    (out / "segmenter_throughput.md").write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/segmenter_throughput"))
+    parser.add_argument("--work", type=Path, default=Path("outputs/bench/segmenters"))
+    parser.add_argument("--backends", nargs="*", default=list(BACKENDS))
+    parser.add_argument("--pairs", type=int, default=64)
+    parser.add_argument("--image_size", type=int, default=112)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="policy of the CGPO run (default: outputs/demo/sft, else outputs/bench/variants/sft)",
+    )
+    parser.add_argument("--cgpo_steps", type=int, default=40)
+    parser.add_argument("--cgpo_prompts", type=int, default=16)
+    parser.add_argument("--cgpo_rows", type=int, default=256, help="training images the CGPO run draws from")
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.pairs, args.repeats, args.cgpo_steps, args.cgpo_prompts, args.cgpo_rows = 4, 1, 2, 4, 8
+        args.backends = ["shapes", "clipseg"]
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    rows = saliency_rows(args.pairs, "validation", image_size=args.image_size)
+    images = [ims[0].convert("RGB") for ims in rows["images"]]
+    expressions = [exps[0] for exps in rows["expressions"]]
+    import platform
+
+    results = {
+        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores shared with other workers, "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
+        "pairs": args.pairs,
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "backends": {},
+    }
+    for name in args.backends:
+        try:
+            options = {} if name == "shapes" else TINY[name](args.work / name)
+            results["backends"][name] = measure_backend(
+                name, options, images, expressions, args.batch_size, args.repeats
+            )
+        except ImportError as err:  # an optional extra is missing: say so instead of failing the whole table
+            results["backends"][name] = {"error": str(err).splitlines()[0]}
+        print(name, results["backends"][name], flush=True)
+    checkpoint = args.checkpoint or next(
+        (p for p in (Path("outputs/demo/sft"), Path("outputs/bench/variants/sft")) if (p / "config.json").exists()),
+        None,
+    )
+    results["cgpo_run"] = cgpo_cache_hit_rate(
+        checkpoint, args.cgpo_steps, args.cgpo_prompts, args.cgpo_rows, args.work
+    )
+    (args.out / "segmenter_throughput.json").write_text(json.dumps(results, indent=1))
+    text = report(results, args.out)
+    print(text)
+    return results
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()

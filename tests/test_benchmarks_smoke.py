@@ -1,0 +1,108 @@
+"""The benchmark scripts run end to end in their --smoke mode and write finite numbers under the keys the README
+tables are made from."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from cgpo_trl.testing import save_tiny_vlm
+
+    return Path(save_tiny_vlm(tmp_path_factory.mktemp("bench") / "tiny_vlm"))
+
+
+def finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def test_cgpo_vs_grpo_smoke(tmp_path, checkpoint):
+    import cgpo_vs_grpo
+
+    out = tmp_path / "out"
+    cgpo_vs_grpo.main(
+        [
+            "--smoke",
+            "--out",
+            str(out),
+            "--work",
+            str(tmp_path / "work"),
+            "--checkpoint",
+            str(checkpoint),
+            "--configs",
+            "CGPO",
+            "GRPO G=4",
+        ]
+    )
+    results = json.loads((out / "cgpo_vs_grpo.json").read_text())
+    assert (out / "cgpo_vs_grpo.md").read_text().count("| CGPO |") == 2
+    assert (out / "cgpo_vs_grpo.png").stat().st_size > 0
+    for regime in ("latency", "compute"):
+        data = results["regimes"][regime]
+        summary = data["summary"]
+        for name in ("CGPO", "GRPO G=4"):
+            s = summary[name]
+            for key in (
+                "wall",
+                "generation",
+                "reward",
+                "forward_backward",
+                "completion_tokens",
+                "forward_calls",
+                "peak_rss_mib",
+                "held_out_final",
+            ):
+                assert finite(s[key]), (regime, name, key, s[key])
+            assert s["wall"] > 0 and s["forward_calls"] >= 1
+        # CGPO draws one completion per prompt, GRPO four: 2 prompts per step in smoke mode.
+        assert summary["CGPO"]["completions"] == 2 and summary["GRPO G=4"]["completions"] == 8
+        assert summary["CGPO"]["confidence"] > 0 and summary["GRPO G=4"]["confidence"] == 0
+        assert 0 <= summary["GRPO G=4"]["frac_reward_zero_std"] <= 1
+        assert summary["CGPO"]["frac_reward_zero_std"] is None
+        runs = data["runs"]["CGPO"][0]
+        assert [p["step"] for p in runs["held_out"]][0] == 0 and runs["held_out"][-1]["completions"] == 16
+
+
+def test_cgpo_variants_smoke(tmp_path, checkpoint):
+    import cgpo_variants
+
+    out = tmp_path / "out"
+    cgpo_variants.main(
+        ["--smoke", "--out", str(out), "--work", str(tmp_path / "work"), "--checkpoint", str(checkpoint)]
+    )
+    results = json.loads((out / "cgpo_variants.json").read_text())
+    assert set(results["runs"]) == {"token/batch (default)", "GRPO G=4"}
+    for runs in results["runs"].values():
+        run = runs[0]
+        assert run["completions"] == 32  # 2 steps x 16 completions for every advantage
+        for key in ("accuracy", "Sm", "format", "eos", "reward", "seconds"):
+            assert finite(run[key]) and (key == "seconds" or 0 <= run[key] <= 1), (key, run[key])
+    assert finite(results["runs"]["token/batch (default)"][0]["ece"])
+    assert "| token/batch (default) | 1 |" in (out / "cgpo_variants.md").read_text()
+
+
+def test_segmenter_throughput_smoke(tmp_path, checkpoint):
+    import segmenter_throughput
+
+    out = tmp_path / "out"
+    segmenter_throughput.main(
+        ["--smoke", "--out", str(out), "--work", str(tmp_path / "work"), "--checkpoint", str(checkpoint)]
+    )
+    results = json.loads((out / "segmenter_throughput.json").read_text())
+    for name in ("shapes", "clipseg"):
+        r = results["backends"][name]
+        for key in ("batch1_masks_per_s", "batched_masks_per_s", "cache_cold_masks_per_s", "cache_warm_masks_per_s"):
+            assert finite(r[key]) and r[key] > 0, (name, key)
+        assert r["cache_misses"] == r["pairs"] and r["cache_hits"] == r["pairs"]  # second pass: all hits
+    run = results["cgpo_run"]
+    assert 0 <= run["hit_rate"] <= 1 and run["hits"] + run["misses"] >= 0
+    assert "| shapes |" in (out / "segmenter_throughput.md").read_text()
