@@ -19,7 +19,9 @@ from cgpo_trl.pipeline import SaliencyScriptArguments, build_rl_trainer, parse_a
 def main(argv=None):
     script_args, training_args, model_args = parse_args((SaliencyScriptArguments, CGPOConfig, ModelConfig), argv)
     trainer = build_rl_trainer(script_args, training_args, model_args)
-    return train_and_save(trainer, script_args, model_args, stage="rl")
+    metrics = train_and_save(trainer, script_args, model_args, stage="rl")
+    trainer.accelerator.end_training()  # tear the process group down before exit (gloo aborts otherwise)
+    return metrics
 
 
 if __name__ == "__main__":

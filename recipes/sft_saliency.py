@@ -16,7 +16,9 @@ from cgpo_trl.pipeline import SaliencyScriptArguments, build_sft_trainer, parse_
 def main(argv=None):
     script_args, training_args, model_args = parse_args((SaliencyScriptArguments, SFTConfig, ModelConfig), argv)
     trainer = build_sft_trainer(script_args, training_args, model_args)
-    return train_and_save(trainer, script_args, model_args, stage="sft")
+    metrics = train_and_save(trainer, script_args, model_args, stage="sft")
+    trainer.accelerator.end_training()  # tear the process group down before exit (gloo aborts otherwise)
+    return metrics
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ SCRIPT = Path(__file__).parent / "scripts" / "cgpo_two_process.py"
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_two_process_cgpo_run_is_consistent(tmp_path):
+def test_two_process_cgpo_run_is_consistent(tmp_path, free_port):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     cmd = [
         sys.executable,
@@ -22,7 +22,7 @@ def test_two_process_cgpo_run_is_consistent(tmp_path):
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29517",
+        str(free_port),
         str(SCRIPT),
         str(tmp_path),
     ]

@@ -432,20 +432,20 @@ def launch(config_file: str, tiny_checkpoint: str, out: Path, port: int, *extra:
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_two_cpu_processes(tiny_checkpoint, tmp_path):
-    result = launch("cpu_2proc.yaml", tiny_checkpoint, tmp_path, 29531)
+def test_two_cpu_processes(tiny_checkpoint, tmp_path, free_port):
+    result = launch("cpu_2proc.yaml", tiny_checkpoint, tmp_path, free_port)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Launch: 2 process(es), MULTI_CPU" in (tmp_path / "README.md").read_text()
 
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("stage, port", [(2, 29533), (3, 29535)])
-def test_two_cpu_processes_under_deepspeed(stage, port, tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_cpu_processes_under_deepspeed(stage, tiny_checkpoint, tmp_path, free_port):
     pytest.importorskip("deepspeed")
     from cgpo_trl.models import load_model_and_processor
 
-    result = launch(f"zero{stage}.yaml", tiny_checkpoint, tmp_path, port, "--mixed_precision", "no")
+    result = launch(f"zero{stage}.yaml", tiny_checkpoint, tmp_path, free_port, "--mixed_precision", "no")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Launch: 2 process(es), DEEPSPEED ZeRO stage {stage}" in (tmp_path / "README.md").read_text()
     # The final model is saved whole (ZeRO-3 gathers its shards) and loads like any checkpoint.

@@ -38,6 +38,7 @@ def main(out_dir: str) -> None:
     }
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(record, f)
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":
