@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
@@ -73,7 +72,8 @@ class CGPOConfig(GRPOConfig):
             "choices": list(LEVELS),
         },
     )
-    confidence: str | Callable | None = field(
+    # Typed `str` so that TrlParser / HfArgumentParser read it from YAML and the CLI; a callable is accepted too.
+    confidence: str | None = field(
         default=None,
         metadata={
             "help": "Confidence estimator: registry name for the chosen level, or a callable. Default: "

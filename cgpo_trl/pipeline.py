@@ -216,14 +216,9 @@ def make_parser(dataclass_types: Sequence[type]):
     from trl import TrlParser
 
     parser = TrlParser(list(dataclass_types))
-    # Fields typed `str | Callable` (CGPOConfig.confidence) take a registry name from YAML / CLI; argparse would
-    # otherwise try to call `Callable(value)`. Callables remain available through the Python API.
-    by_name = {f.name: str(f.type) for t in dataclass_types for f in dataclasses.fields(t)}
     for action in parser._actions:
         if action.dest in ("datasets", "eval_datasets"):
             action.type, action.nargs = str, None  # one JSON list (YAML gives the list itself)
-        elif "Callable" in by_name.get(action.dest, ""):
-            action.type = str
     return parser
 
 
