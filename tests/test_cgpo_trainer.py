@@ -320,3 +320,23 @@ def test_token_baselines_equal_the_policy_distribution(tmp_path, confidence):
     mask = seen["completion_mask"].float()
     want = (seen["cgpo_rewards"].unsqueeze(1) - expected) * mask
     torch.testing.assert_close(seen["advantages"], want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"loss_type": "grpo"},
+        {"loss_type": "dr_grpo"},
+        {"loss_type": "cispo"},
+        {"importance_sampling_level": "sequence", "num_iterations": 2},
+    ],
+)
+def test_trl_loss_options_keep_working(tmp_path, overrides):
+    model, tokenizer = build_tiny_lm()
+    args = CGPOConfig(**make_args(tmp_path, max_steps=2), **overrides)
+    trainer = CGPOTrainer(
+        model, [length_reward], args=args, train_dataset=text_prompt_dataset(), processing_class=tokenizer
+    )
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses and all(math.isfinite(float(x)) for x in losses)
