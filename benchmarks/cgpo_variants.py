@@ -12,7 +12,7 @@ and the held-out gain per training minute (equal wall time). Held-out: >= 500 va
 accuracy (predicted mask IoU >= 0.5), S-measure, format and EOS rates. Training logs: policy entropy (end / start),
 CGPO's confidence-reward correlation and ECE (`cgpo/confidence_reward_corr`, `cgpo/ece`).
 
-    python benchmarks/cgpo_variants.py --out benchmarks/results/cgpo_variants [--seeds 3 --rl_steps 150] [--smoke]
+    python benchmarks/cgpo_variants.py --out benchmarks/results/cgpo_variants [--seeds 3 --rl_steps 300 --lr 3e-4] [--smoke]
 """
 
 from __future__ import annotations
@@ -256,8 +256,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--sft_minutes", type=float, default=8.0)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--rl_steps", type=int, default=150)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--rl_steps", type=int, default=300)
+    parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--eval_size", type=int, default=500)
     parser.add_argument("--train_size", type=int, default=4096)
     parser.add_argument("--variants", nargs="*", default=ORDER)

@@ -93,6 +93,8 @@ class StepProfiler(TrainerCallback):
         self._wrap("training_step", "training_step")
         if hasattr(trainer, "_advantages"):
             self._wrap("_advantages", "confidence")
+            self._wrap("_max_logprob", "max_logprob")  # the no-grad LM-head projection of `max_prob`
+            self._wrap("_log_cgpo_metrics", "confidence_metrics")  # logging: gathers, correlation, ECE
         original = trainer._generate_and_score_completions
 
         def counted(inputs):
@@ -114,6 +116,8 @@ class StepProfiler(TrainerCallback):
             prepare=0.0,
             training_step=0.0,
             confidence=0.0,
+            max_logprob=0.0,
+            confidence_metrics=0.0,
             completion_tokens=0,
             completions=0,
             forward_calls=0,
@@ -151,6 +155,8 @@ class StepProfiler(TrainerCallback):
                 reward=acc["reward"],
                 forward_backward=loss,
                 confidence=acc["confidence"],
+                max_logprob=acc["max_logprob"],
+                confidence_metrics=acc["confidence_metrics"],
                 other=wall - acc["generation"] - acc["reward"] - loss,
                 completion_tokens=acc["completion_tokens"],
                 completions=acc["completions"],
@@ -211,7 +217,7 @@ def evaluate_saliency(
     was_training = model.training
     model.eval()
     totals = dict(Sm=0.0, accuracy=0.0, format=0.0, eos=0.0, reward=0.0)
-    n = 0
+    n, rewards = 0, []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         prompts = chunk["prompt"]
@@ -234,7 +240,8 @@ def evaluate_saliency(
             totals["Sm"] += sm
             totals["format"] += float(f[i] or 0.0)
             totals["eos"] += float(ids[i][-1] in eos_ids)
-            totals["reward"] += (REWARD_WEIGHTS[0] * float(f[i] or 0.0) + REWARD_WEIGHTS[1] * sm) / sum(REWARD_WEIGHTS)
+            rewards.append((REWARD_WEIGHTS[0] * float(f[i] or 0.0) + REWARD_WEIGHTS[1] * sm) / sum(REWARD_WEIGHTS))
+            totals["reward"] += rewards[-1]
             if parsed.regions:
                 image = chunk["images"][i][0].convert("RGB")
                 masks = [m for m, _ in segmenter.segment([image] * len(parsed.regions), parsed.regions)]
@@ -245,7 +252,9 @@ def evaluate_saliency(
         n += len(completions)
     if was_training:
         model.train()
-    return {k: v / max(n, 1) for k, v in totals.items()}
+    result = {k: v / max(n, 1) for k, v in totals.items()}
+    result["reward_se"] = statistics.stdev(rewards) / math.sqrt(n) if n > 1 else math.nan
+    return result
 
 
 class TimeLimit(TrainerCallback):

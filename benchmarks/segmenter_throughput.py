@@ -151,6 +151,7 @@ def tiny_grounded_sam(path: Path) -> dict:
         SamProcessor,
     )
 
+    # Inputs of 128 px at least: at 64 px a square image's extra DINO level is 1x1, which its GroupNorm rejects.
     dino, sam = path / "grounding-dino", path / "sam"
     dino.mkdir(parents=True, exist_ok=True)
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "the", "a", "on"]
@@ -191,7 +192,7 @@ def tiny_grounded_sam(path: Path) -> dict:
     torch.manual_seed(0)
     GroundingDinoForObjectDetection(config).save_pretrained(dino)
     GroundingDinoProcessor(
-        image_processor=GroundingDinoImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 96}),
+        image_processor=GroundingDinoImageProcessorPil(size={"shortest_edge": 128, "longest_edge": 192}),
         tokenizer=tokenizer,
     ).save_pretrained(dino)
     config = SamConfig(
