@@ -62,19 +62,19 @@ VARIANTS: dict[str, dict] = {
         confidence_level="sequence", confidence_span="answer", confidence_calibration="online"
     ),
     "token/none": dict(confidence_level="token", confidence_calibration="none"),
-    "token/batch (default)": dict(confidence_level="token", confidence_calibration="batch"),
-    "token/online": dict(confidence_level="token", confidence_calibration="online"),
+    "token/batch": dict(confidence_level="token", confidence_calibration="batch"),
+    "token/online (default)": dict(confidence_level="token", confidence_calibration="online"),
     CONTROL: dict(confidence_level="sequence", confidence="none", confidence_calibration="batch"),
     GRPO: dict(),
 }
 # Run order within a seed: the default, the control and GRPO first, so a partial run still answers the main question.
 ORDER = [
-    "token/batch (default)",
+    "token/online (default)",
     CONTROL,
     GRPO,
     "sequence/completion/none (paper)",
     "token/none",
-    "token/online",
+    "token/batch",
     "sequence/completion/batch",
     "sequence/completion/online",
     "sequence/answer/none",
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.smoke:
         args.seeds, args.rl_steps, args.eval_size, args.train_size = 1, 2, 8, 64
-        args.variants = ["token/batch (default)", GRPO]
+        args.variants = ["token/online (default)", GRPO]
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")

@@ -95,6 +95,8 @@ class StepProfiler(TrainerCallback):
             self._wrap("_advantages", "confidence")
             self._wrap("_max_logprob", "max_logprob")  # the no-grad LM-head projection of `max_prob`
             self._wrap("_log_cgpo_metrics", "confidence_metrics")  # logging: gathers, correlation, ECE
+            if getattr(trainer, "calibrator", None) is not None:
+                self._wrap("update", "calibration_fit", owner=trainer.calibrator)  # online map refit
         original = trainer._generate_and_score_completions
 
         def counted(inputs):
@@ -118,6 +120,7 @@ class StepProfiler(TrainerCallback):
             confidence=0.0,
             max_logprob=0.0,
             confidence_metrics=0.0,
+            calibration_fit=0.0,
             completion_tokens=0,
             completions=0,
             forward_calls=0,
@@ -126,8 +129,9 @@ class StepProfiler(TrainerCallback):
     def _count_forward(self, module, args):
         self._acc["forward_calls"] += 1
 
-    def _wrap(self, name: str, key: str) -> None:
-        original = getattr(self.trainer, name)
+    def _wrap(self, name: str, key: str, owner=None) -> None:
+        owner = self.trainer if owner is None else owner
+        original = getattr(owner, name)
 
         def timed(*args, **kwargs):
             start = time.perf_counter()
@@ -136,7 +140,7 @@ class StepProfiler(TrainerCallback):
             finally:
                 self._acc[key] += time.perf_counter() - start
 
-        setattr(self.trainer, name, timed)
+        setattr(owner, name, timed)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._acc = self._fresh()
@@ -157,6 +161,7 @@ class StepProfiler(TrainerCallback):
                 confidence=acc["confidence"],
                 max_logprob=acc["max_logprob"],
                 confidence_metrics=acc["confidence_metrics"],
+                calibration_fit=acc["calibration_fit"],
                 other=wall - acc["generation"] - acc["reward"] - loss,
                 completion_tokens=acc["completion_tokens"],
                 completions=acc["completions"],
