@@ -104,7 +104,7 @@ def test_segmenter_throughput_smoke(tmp_path, checkpoint):
         r = results["backends"][name]
         for key in ("batch1_masks_per_s", "batched_masks_per_s", "cache_cold_masks_per_s", "cache_warm_masks_per_s"):
             assert finite(r[key]) and r[key] > 0, (name, key)
-        assert r["cache_misses"] == r["pairs"] and r["cache_hits"] == r["pairs"]  # second pass: all hits
+        assert r["cache_misses"] == r["pairs"] and r["cache_hits"] == r["pairs"]  # after the cold pass: all hits
     run = results["cgpo_run"]
     assert 0 <= run["hit_rate"] <= 1 and run["hits"] + run["misses"] >= 0
     assert "| shapes |" in (out / "segmenter_throughput.md").read_text()
