@@ -176,7 +176,8 @@ def scale_rewards(rewards_per_func: torch.Tensor, weights: torch.Tensor, scaling
 
 @dataclass
 class OnlineCalibrator:
-    """Monotone map g: confidence -> expected reward, refitted on a sliding window of recent (c, r) pairs.
+    """Monotone map g: confidence -> expected reward, refitted on a sliding window of recent (c, r) pairs (one per
+    completion for sequence confidences, a few per completion for token baselines: see `token_pairs`).
 
     g(c) = sigmoid(a * logit(c) + b) with a >= 0 (Platt scaling with soft targets, fitted in float64). The window holds pairs gathered from every process, so every process fits the same map. Before
     ``min_pairs`` pairs exist, g is the window's mean reward (a constant baseline; 0 with an empty window).
@@ -239,6 +240,28 @@ def _fit_platt(c: np.ndarray, r: np.ndarray, l2: float = 1e-3) -> tuple[float, f
     start = np.array([0.0, math.log(mean / (1 - mean))])
     w = minimize(loss, start, jac=True, method="L-BFGS-B", bounds=[(0.0, None), (None, None)]).x
     return float(w[0] / sd), float(w[1] - w[0] * mu / sd)
+
+
+def token_pairs(
+    baselines: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor, per_completion: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(b_t, r) pairs for fitting the online map at token level: `per_completion` evenly spaced valid tokens of each
+    completion (all of them when it has fewer), NaN-padded to (B, per_completion) so processes can gather them.
+
+    The token baseline is mapped token by token, so its map must be fitted on token-level pairs: fitting it on each
+    completion's mean baseline and applying it to every b_t would calibrate the mean, not the tokens (Jensen).
+    """
+    c = torch.full((baselines.size(0), per_completion), math.nan, device=baselines.device)
+    r = torch.full_like(c, math.nan)
+    for row in range(baselines.size(0)):
+        valid = mask[row].nonzero().squeeze(-1)
+        if valid.numel() == 0:
+            continue
+        if valid.numel() > per_completion:
+            valid = valid[torch.linspace(0, valid.numel() - 1, per_completion, device=valid.device).round().long()]
+        c[row, : valid.numel()] = baselines[row, valid].float()
+        r[row, : valid.numel()] = rewards[row].float()
+    return c, r
 
 
 def expected_calibration_error(c: torch.Tensor, r: torch.Tensor, bins: int = 10) -> float:

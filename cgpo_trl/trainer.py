@@ -36,6 +36,7 @@ from .confidence import (
     get_confidence_estimator,
     scale_rewards,
     span_mask_from_text,
+    token_pairs,
 )
 from .config import CGPOConfig
 
@@ -163,8 +164,14 @@ class CGPOTrainer(GRPOTrainer):
         if advantages.dim() == 2:
             advantages = advantages * mask
         self._log_cgpo_metrics(all_r, all_c, advantages, mask, entropies)
-        if self.calibrator is not None and self.model.training:
-            self.calibrator.update(all_c, all_r)  # after use: g never depends on the samples it scores
+        if self.calibrator is not None and self.model.training:  # after use: g never depends on what it scores
+            if confidence.dim() == 2:
+                pair_c, pair_r = token_pairs(confidence, mask, rewards)
+                self.calibrator.update(
+                    self.accelerator.gather(pair_c).flatten(), self.accelerator.gather(pair_r).flatten()
+                )
+            else:
+                self.calibrator.update(all_c, all_r)
         return advantages
 
     def _log_cgpo_metrics(self, all_r, all_c, advantages, mask, entropies) -> None:

@@ -234,7 +234,8 @@ def test_config_validation():
 def test_resume_restores_calibration_state(tmp_path):
     model, tokenizer = build_tiny_lm()
     kwargs = make_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
-    args = CGPOConfig(**kwargs, confidence_calibration="online", calibration_min_pairs=4)
+    # sequence level: one (c, r) pair per completion, so the window's size is known exactly
+    args = CGPOConfig(**kwargs, confidence_level="sequence", confidence_calibration="online", calibration_min_pairs=4)
     trainer = CGPOTrainer(
         model, [length_reward], args=args, train_dataset=text_prompt_dataset(), processing_class=tokenizer
     )

@@ -15,6 +15,7 @@ from cgpo_trl.confidence import (
     register_confidence_estimator,
     scale_rewards,
     span_mask_from_text,
+    token_pairs,
 )
 
 LOGPS = torch.log(torch.tensor([[0.5, 0.25, 0.9], [0.8, 0.8, 0.8]]))
@@ -154,3 +155,13 @@ def test_expected_calibration_error_by_hand():
     assert expected_calibration_error(c, r) == pytest.approx(0.1)
     assert expected_calibration_error(torch.tensor([0.5, 0.5]), torch.tensor([0.0, 1.0])) == pytest.approx(0.0)
     assert math.isnan(expected_calibration_error(torch.tensor([0.5]), torch.tensor([math.nan])))
+
+
+def test_token_pairs_are_evenly_spaced_valid_tokens():
+    baselines = torch.arange(12, dtype=torch.float32).view(2, 6) / 10
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 0, 0, 0, 0]], dtype=torch.float32)
+    c, r = token_pairs(baselines, mask, torch.tensor([1.0, 0.0]), per_completion=3)
+    torch.testing.assert_close(c[0], torch.tensor([0.0, 0.2, 0.4]))  # positions 0, 2, 4 of the 5 valid ones
+    torch.testing.assert_close(c[1, :2], torch.tensor([0.6, 0.7]))  # fewer valid tokens than asked: all of them
+    assert math.isnan(c[1, 2]) and math.isnan(r[1, 2])
+    assert r[0].tolist() == [1.0, 1.0, 1.0] and r[1, :2].tolist() == [0.0, 0.0]

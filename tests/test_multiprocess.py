@@ -30,7 +30,7 @@ def test_two_process_cgpo_run_is_consistent(tmp_path, free_port):
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2] and [r["num_processes"] for r in ranks] == [2, 2]
-    # 3 steps x 2 processes x 4 completions, gathered: every rank fitted the same map on the same pairs
-    assert len(ranks[0]["calibrator"]["rewards"]) == 24
+    # 3 steps x 2 processes x 4 completions x up to 8 token pairs, gathered: every rank fitted the same map
+    assert 24 <= len(ranks[0]["calibrator"]["rewards"]) <= 192
     assert ranks[0]["calibrator"] == ranks[1]["calibrator"]
     assert ranks[0]["rewards"] == ranks[1]["rewards"]  # logged global means agree
