@@ -177,7 +177,9 @@ def write_report(results: dict, out: Path) -> str:
         secs = aggregate(runs, "seconds")[0]
         sem_text = "n/a" if math.isnan(sem) else f"{sem:.3f}"
 
-        def cell(key, digits=3, runs=runs):
+        def cell(key, digits=3, runs=runs, name=name):
+            if key == "ece" and name in (CONTROL, GRPO):  # no confidence: c = 0 makes ECE the mean reward
+                return "n/a"
             value = aggregate(runs, key)[0]
             return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
 
