@@ -96,9 +96,11 @@ def format_reward(completions, completion_ids=None, eos_token_id=None, **kwargs)
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, pairs, samples: int = 4, max_new_tokens: int = 12, batch: int = 128) -> dict:
+def evaluate(
+    model, tokenizer, pairs, samples: int = 4, max_new_tokens: int = 12, batch: int = 128, seed: int = 1234
+) -> dict:
     """Sampled accuracy (temperature 1), greedy accuracy, format and EOS rates on held-out pairs."""
-    torch.manual_seed(1234)  # the same sampling noise for every model evaluated
+    torch.manual_seed(seed)
     model.eval()
     stats = {"accuracy": 0.0, "greedy_accuracy": 0.0, "format": 0.0, "eos": 0.0}
     n_sampled = 0
@@ -166,6 +168,15 @@ def sft(out_dir: Path, train_pairs, eval_pairs, target: float, max_steps: int, s
     return {"steps": step, "history": history}
 
 
+def evaluate_start(checkpoint: Path, eval_pairs, repeats: int = 5) -> dict:
+    """The starting checkpoint scored like one RL run per seed: mean (and standard error) over sampling seeds."""
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(checkpoint), AutoTokenizer.from_pretrained(checkpoint)
+    runs = [evaluate(model, tokenizer, eval_pairs, seed=seed) for seed in range(repeats)]
+    start = {key: statistics.mean(r[key] for r in runs) for key in runs[0]}
+    start["accuracy_se"] = statistics.stdev(r["accuracy"] for r in runs) / math.sqrt(repeats)
+    return start
+
+
 def rl_run(name: str, checkpoint: Path, train_pairs, eval_pairs, seed: int, steps: int, lr: float, out: Path) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     model = AutoModelForCausalLM.from_pretrained(checkpoint)
@@ -228,7 +239,8 @@ def write_report(results: dict, start: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     lines = [
-        f"Start (SFT checkpoint): sampled accuracy {start['accuracy']:.3f}, greedy {start['greedy_accuracy']:.3f}, "
+        f"Start (SFT checkpoint, 5 sampling seeds): sampled accuracy {start['accuracy']:.3f} ± "
+        f"{start.get('accuracy_se', math.nan):.3f}, greedy {start['greedy_accuracy']:.3f}, "
         f"format {start['format']:.3f}, EOS {start['eos']:.3f}",
         "",
         "| advantage | runs | sampled acc (mean ± s.e.) | greedy acc | format | EOS | entropy end/start | s/run |",
@@ -284,9 +296,7 @@ def main() -> None:
     if not (checkpoint / "config.json").exists():
         info = sft(checkpoint, train_pairs, eval_pairs, args.sft_target, args.sft_max_steps, seed=0)
         (out / "sft.json").write_text(json.dumps(info))
-    start = evaluate(
-        AutoModelForCausalLM.from_pretrained(checkpoint), AutoTokenizer.from_pretrained(checkpoint), eval_pairs
-    )
+    start = evaluate_start(checkpoint, eval_pairs)
     results_path = out / "text_variants.json"
     results = json.loads(results_path.read_text())["runs"] if results_path.exists() else {}
     for seed in range(args.seeds):  # seeds outermost: a partial run still compares every variant
