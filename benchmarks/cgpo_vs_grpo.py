@@ -296,7 +296,7 @@ def summarise(runs: list[dict], warmup: int) -> dict:
     )
     for key in keys:
         out[key], out[key + "_spread"] = median_spread([s.get(key, 0.0) for s in steps])
-    out["confidence_share"] = median_spread([s["confidence"] / s["wall"] for s in steps])[0]
+    out["confidence_share"] = median_spread([s.get("confidence", 0.0) / s["wall"] for s in steps])[0]
     out["peak_rss_mib"] = max(run["peak_rss_mib"] for run in runs)
     zero = [run["frac_reward_zero_std"] for run in runs if run["frac_reward_zero_std"] is not None]
     out["frac_reward_zero_std"] = sum(zero) / len(zero) if zero else None
@@ -439,6 +439,39 @@ def plot(results: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def rounded(value):
+    """Floats to 4 significant digits: keeps the per-step JSON small enough to commit."""
+    if isinstance(value, float):
+        return float(f"{value:.4g}")
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [rounded(v) for v in value]
+    return value
+
+
+def write_json(path: Path, results: dict) -> None:
+    """Compact JSON with each run's per-step records stored column-wise (`read_json` restores them)."""
+    results = rounded(results)
+    for data in results.get("regimes", {}).values():
+        for runs in data.get("runs", {}).values():
+            for run in runs:
+                keys = list(dict.fromkeys(k for step in run["steps"] for k in step))
+                run["steps"] = {k: [step.get(k, 0) for step in run["steps"]] for k in keys}
+    path.write_text(json.dumps(results, separators=(",", ":")))
+
+
+def read_json(path: Path) -> dict:
+    results = json.loads(path.read_text())
+    for data in results.get("regimes", {}).values():
+        for runs in data.get("runs", {}).values():
+            for run in runs:
+                columns = run["steps"]
+                if isinstance(columns, dict):
+                    run["steps"] = [dict(zip(columns, values)) for values in zip(*columns.values())]
+    return results
+
+
 def machine() -> str:
     cores = os.cpu_count()
     return (
@@ -485,7 +518,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
     path = args.out / "cgpo_vs_grpo.json"
-    results = json.loads(path.read_text()) if path.exists() and not args.smoke else {}
+    results = read_json(path) if path.exists() and not args.smoke else {}
     results.update(machine=machine(), args={k: str(v) for k, v in vars(args).items()})
     results.setdefault("regimes", {})
     checkpoint = args.checkpoint or next(
@@ -521,10 +554,10 @@ def main(argv: list[str] | None = None) -> dict:
                 points = args.eval_points if repeat == 0 else 0
                 runs.append(run_config(regime, name, prompts, total, args.seed, args.lr, points, args.work))
                 print(f"[{regime_name}] {name} repeat {repeat}: {time.perf_counter() - start:.0f} s", flush=True)
-                path.write_text(json.dumps(results, indent=1))
+                write_json(path, results)
     results["process_peak_rss_mib"] = max_rss_mib()
     print(report(results, args.out))
-    path.write_text(json.dumps(results, indent=1))
+    write_json(path, results)
     return results
 
 
