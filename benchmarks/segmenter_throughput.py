@@ -7,7 +7,7 @@ compute). Workload: synthetic SOD images and their ground-truth referring expres
 
 Per backend: batch 1 (one pair per call, cache off), batched (every pair in one call; transformers backends batch
 internally), cache on (a second pass over the same pairs: all hits). Then the cache hit rate seen by the `shapes`
-segmenter in a short CGPO run of the tiny demo VLM (the SFT-warmed checkpoint when present).
+segmenter in short CGPO and GRPO runs of the tiny demo VLM (the SFT-warmed checkpoint when present).
 
     python benchmarks/segmenter_throughput.py --out benchmarks/results/segmenter_throughput [--smoke]
 """
@@ -276,8 +276,13 @@ def measure_backend(name: str, options: dict, images, expressions, batch_size: i
     }
 
 
-def cgpo_cache_hit_rate(checkpoint: Path | None, steps: int, prompts: int, train_rows: int, out: Path) -> dict:
-    """Hit rate of the shapes segmenter's cache over a short CGPO run (16 completions per step by default)."""
+def cache_hit_rate(
+    checkpoint: Path | None, steps: int, completions: int, train_rows: int, out: Path, num_generations: int = 1
+) -> dict:
+    """Hit rate of the shapes segmenter's cache over a short RL run with `completions` per step: CGPO
+    (`num_generations=1`) or GRPO (the G completions of a prompt share its image)."""
+    from trl import GRPOConfig, GRPOTrainer
+
     from cgpo_trl import CGPOConfig, CGPOTrainer
     from cgpo_trl.models import load_model_and_processor
     from cgpo_trl.testing import save_tiny_vlm
@@ -291,13 +296,14 @@ def cgpo_cache_hit_rate(checkpoint: Path | None, steps: int, prompts: int, train
     model, processor = load_model_and_processor(str(checkpoint))
     funcs = saliency_rewards(processor, model, 32)
     segmenter = funcs[1].segmenter
-    args = CGPOConfig(
-        output_dir=str(out / "cgpo"),
+    common = dict(
+        output_dir=str(out / f"rl_g{num_generations}"),
         use_cpu=True,
         bf16=False,
         learning_rate=1e-4,
+        lr_scheduler_type="constant",
         max_steps=steps,
-        per_device_train_batch_size=prompts,
+        per_device_train_batch_size=completions,
         max_completion_length=32,
         report_to=[],
         save_strategy="no",
@@ -305,16 +311,20 @@ def cgpo_cache_hit_rate(checkpoint: Path | None, steps: int, prompts: int, train
         disable_tqdm=True,
         logging_steps=steps,
     )
-    trainer = CGPOTrainer(
-        model, funcs, args=args, train_dataset=saliency_rows(train_rows, "train", seed=1), processing_class=processor
-    )
+    if num_generations == 1:
+        trainer_cls, args = CGPOTrainer, CGPOConfig(**common)
+    else:
+        trainer_cls, args = GRPOTrainer, GRPOConfig(**common, num_generations=num_generations)
+    train = saliency_rows(train_rows, "train", seed=1)
+    trainer = trainer_cls(model, funcs, args=args, train_dataset=train, processing_class=processor)
     start_time = time.perf_counter()
     trainer.train()
     total = segmenter.hits + segmenter.misses
     return {
         "start": start,
         "steps": steps,
-        "completions": steps * prompts,
+        "completions": steps * completions,
+        "prompts": steps * completions // num_generations,
         "train_rows": train_rows,
         "hits": segmenter.hits,
         "misses": segmenter.misses,
@@ -340,14 +350,21 @@ def report(results: dict, out: Path) -> str:
             f"| {name} | {r['batch1_masks_per_s']:.1f} | {r['batched_masks_per_s']:.1f} | "
             f"{r['cache_cold_masks_per_s']:.1f} | {r['cache_warm_masks_per_s']:.0f} |"
         )
-    run = results.get("cgpo_run")
-    if run:
+    runs = results.get("cache_runs", {})
+    if runs:
         lines += [
             "",
-            f"Cache hit rate of the `shapes` segmenter in a short CGPO run ({run['start']}; {run['steps']} "
-            f"steps, {run['completions']} completions over a pool of {run['train_rows']} training images): "
-            f"**{run['hit_rate']:.1%}** ({run['hits']} hits, {run['misses']} misses).",
+            "Cache hit rate of the `shapes` segmenter in short RL runs (a pair hits when its (image, expression) was "
+            "segmented before):",
+            "",
+            "| run | policy | steps | completions | distinct prompts | training images | hit rate |",
+            "|---|---|---|---|---|---|---|",
         ]
+        for name, run in runs.items():
+            lines.append(
+                f"| {name} | {run['start']} | {run['steps']} | {run['completions']} | {run['prompts']} | "
+                f"{run['train_rows']} | **{run['hit_rate']:.1%}** ({run['hits']} hits, {run['misses']} misses) |"
+            )
     text = "\n".join(lines) + "\n"
     (out / "segmenter_throughput.md").write_text(text)
     return text
@@ -366,15 +383,15 @@ def main(argv: list[str] | None = None) -> dict:
         "--checkpoint",
         type=Path,
         default=None,
-        help="policy of the CGPO run (default: outputs/demo/sft, else outputs/bench/variants/sft)",
+        help="policy of the RL runs (default: outputs/demo/sft, else outputs/bench/variants/sft)",
     )
-    parser.add_argument("--cgpo_steps", type=int, default=40)
-    parser.add_argument("--cgpo_prompts", type=int, default=16)
-    parser.add_argument("--cgpo_rows", type=int, default=256, help="training images the CGPO run draws from")
+    parser.add_argument("--rl_steps", type=int, default=40, help="steps of the RL runs that measure the hit rate")
+    parser.add_argument("--rl_completions", type=int, default=16, help="completions per RL step")
+    parser.add_argument("--rl_rows", type=int, default=256, help="training images the RL runs draw from")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.pairs, args.repeats, args.cgpo_steps, args.cgpo_prompts, args.cgpo_rows = 4, 1, 2, 4, 8
+        args.pairs, args.repeats, args.rl_steps, args.rl_completions, args.rl_rows = 4, 1, 2, 4, 8
         args.backends = ["shapes", "clipseg"]
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -406,9 +423,10 @@ def main(argv: list[str] | None = None) -> dict:
         (p for p in (Path("outputs/demo/sft"), Path("outputs/bench/variants/sft")) if (p / "config.json").exists()),
         None,
     )
-    results["cgpo_run"] = cgpo_cache_hit_rate(
-        checkpoint, args.cgpo_steps, args.cgpo_prompts, args.cgpo_rows, args.work
-    )
+    results["cache_runs"] = {
+        name: cache_hit_rate(checkpoint, args.rl_steps, args.rl_completions, args.rl_rows, args.work, g)
+        for name, g in (("CGPO", 1), ("GRPO G=4", 4))
+    }
     (args.out / "segmenter_throughput.json").write_text(json.dumps(results, indent=1))
     text = report(results, args.out)
     print(text)

@@ -105,6 +105,7 @@ def test_segmenter_throughput_smoke(tmp_path, checkpoint):
         for key in ("batch1_masks_per_s", "batched_masks_per_s", "cache_cold_masks_per_s", "cache_warm_masks_per_s"):
             assert finite(r[key]) and r[key] > 0, (name, key)
         assert r["cache_misses"] == r["pairs"] and r["cache_hits"] == r["pairs"]  # after the cold pass: all hits
-    run = results["cgpo_run"]
-    assert 0 <= run["hit_rate"] <= 1 and run["hits"] + run["misses"] >= 0
+    for name, prompts in (("CGPO", 8), ("GRPO G=4", 2)):  # 2 steps x 4 completions
+        run = results["cache_runs"][name]
+        assert run["completions"] == 8 and run["prompts"] == prompts and 0 <= run["hit_rate"] <= 1
     assert "| shapes |" in (out / "segmenter_throughput.md").read_text()
