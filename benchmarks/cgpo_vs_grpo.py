@@ -4,8 +4,10 @@ Two regimes, each with the same model, data, rewards, prompts per step and seed 
 
 - `latency`: the tiny demo Qwen2.5-VL (0.66 M parameters; the SFT-warmed checkpoint when one exists) on synthetic
   SOD with the `format` + `saliency` rewards through the `shapes` segmenter, few prompts per step;
-- `compute`: a larger random text LM (Qwen2, 6 layers x 384 hidden, ~11 M parameters) on two-number addition
-  (the task of `cgpo_text_variants.py`), >= 16 prompts per step. A VLM of that size is too slow on 2 shared cores.
+- `compute`: a larger random text LM (Qwen2, 6 layers x 384 hidden, 7.4 M parameters) on two-number addition
+  (the task of `cgpo_text_variants.py`), >= 16 prompts per step. A text LM, because a VLM of that size would multiply
+  the cost of every run on 2 shared cores (not measured); the regime measures cost, not learning (a random LM earns
+  no reward).
 
 Every configuration generates the same total number of completions (CGPO runs G times the steps of GRPO(G)), so
 held-out reward can be compared at equal steps, equal completions and equal wall time. Repeats are interleaved
@@ -16,7 +18,7 @@ confidence — CGPO's `_advantages` —, the rest: optimizer step, tokenisation,
 forward calls per step, peak RSS during the run, GRPO's fraction of groups with zero reward spread
 (`frac_reward_zero_std`), and held-out reward against steps, completions and wall time.
 
-    python benchmarks/cgpo_vs_grpo.py --out benchmarks/results/cgpo_vs_grpo [--repeats 3] [--smoke]
+    python benchmarks/cgpo_vs_grpo.py --out benchmarks/results/cgpo_vs_grpo [--repeats 5] [--smoke]
 """
 
 from __future__ import annotations
@@ -491,7 +493,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--regimes", nargs="*", default=["latency", "compute"])
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS))
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
         "--checkpoint",
         type=Path,
@@ -499,9 +501,9 @@ def main(argv: list[str] | None = None) -> dict:
         help="latency regime's start (default: outputs/demo/sft, else outputs/bench/variants/sft)",
     )
     parser.add_argument("--latency_prompts", type=int, default=4)
-    parser.add_argument("--latency_completions", type=int, default=256, help="completions per run")
+    parser.add_argument("--latency_completions", type=int, default=512, help="completions per run")
     parser.add_argument("--compute_prompts", type=int, default=16)
-    parser.add_argument("--compute_completions", type=int, default=256)
+    parser.add_argument("--compute_completions", type=int, default=512)
     parser.add_argument("--hidden", type=int, default=384)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--eval_size", type=int, default=256, help="held-out images / prompts")
