@@ -36,3 +36,11 @@ clean:
 
 demo: install
 	$(PY) recipes/demo.py --out outputs/demo
+
+# A short version of the CGPO-vs-GRPO and segmenter benchmarks (~1-2 min) into outputs/bench/; full runs and
+# their results: benchmarks/README.md.
+bench: install
+	$(PY) benchmarks/cgpo_vs_grpo.py --out outputs/bench/cgpo_vs_grpo --work outputs/bench/work --repeats 1 \
+		--latency_completions 128 --compute_completions 256 --eval_size 64 --eval_points 2
+	$(PY) benchmarks/segmenter_throughput.py --out outputs/bench/segmenter_throughput --work outputs/bench/work \
+		--repeats 1 --rl_steps 10
