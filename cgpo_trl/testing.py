@@ -9,6 +9,7 @@ Qwen special tokens and chat template, so TRL takes its VLM path, and `save_tiny
 from __future__ import annotations
 
 import functools
+import json
 import os
 from pathlib import Path
 
@@ -242,3 +243,219 @@ def save_pretrained(model, processor, path: str | os.PathLike) -> str:
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return str(path)
+
+
+# ------------------------------------------------------------------------------------------ tiny segmenters
+def _clip_tokenizer():
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in sorted(ByteLevel.alphabet()):
+        vocab.setdefault(char, len(vocab))
+        vocab.setdefault(char + "</w>", len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=[])
+
+
+def save_tiny_clipseg(path: Path) -> dict:
+    """A tiny random CLIPSeg checkpoint at `path`; returns the `load_segmenter("clipseg", **options)` options."""
+    from transformers import CLIPSegConfig, CLIPSegForImageSegmentation, CLIPSegProcessor, ViTImageProcessorPil
+
+    tokenizer = _clip_tokenizer()
+    config = CLIPSegConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=64,
+            patch_size=16,
+        ),
+        projection_dim=16,
+        reduce_dim=16,
+        extract_layers=[1],
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=32,
+    )
+    torch.manual_seed(0)
+    CLIPSegForImageSegmentation(config).save_pretrained(path)
+    CLIPSegProcessor(
+        image_processor=ViTImageProcessorPil(size={"height": 64, "width": 64}), tokenizer=tokenizer
+    ).save_pretrained(path)
+    return {"checkpoint": str(path)}
+
+
+def save_tiny_sam3(path: Path) -> dict:
+    """A tiny random SAM 3 checkpoint (score threshold 0 so random weights still yield instances)."""
+    from transformers import Sam3Config, Sam3Model
+
+    tokenizer = _clip_tokenizer()
+    config = Sam3Config(
+        vision_config=dict(
+            backbone_config=dict(
+                model_type="sam3_vit_model",
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                image_size=112,
+                patch_size=14,
+                window_size=4,
+                global_attn_indexes=[1],
+                pretrain_image_size=112,
+            ),
+            fpn_hidden_size=32,
+            backbone_feature_sizes=[[32, 32], [16, 16], [8, 8]],
+        ),
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            projection_dim=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=32,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        ),
+        geometry_encoder_config=dict(hidden_size=32, num_layers=1, num_attention_heads=2, intermediate_size=64),
+        detr_encoder_config=dict(hidden_size=32, num_layers=1, num_attention_heads=2, intermediate_size=64),
+        detr_decoder_config=dict(
+            hidden_size=32, num_layers=1, num_queries=8, num_attention_heads=2, intermediate_size=64
+        ),
+        mask_decoder_config=dict(hidden_size=32, num_upsampling_stages=3, num_attention_heads=2),
+    )
+    torch.manual_seed(0)
+    Sam3Model(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    # Sam3ImageProcessor needs torchvision; the backend reads only this JSON.
+    (path / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_processor_type": "Sam3ImageProcessor",
+                "size": {"height": 112, "width": 112},
+                "image_mean": [0.5, 0.5, 0.5],
+                "image_std": [0.5, 0.5, 0.5],
+                "rescale_factor": 1 / 255,
+            }
+        )
+    )
+    return {"checkpoint": str(path), "score_threshold": 0.0}
+
+
+def save_tiny_grounded_sam(path: Path) -> dict:
+    """Tiny random Grounding DINO + SAM checkpoints (thresholds 0 so random weights still yield boxes)."""
+    from transformers import (
+        BertTokenizer,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoImageProcessorPil,
+        GroundingDinoProcessor,
+        SamConfig,
+        SamImageProcessorPil,
+        SamModel,
+        SamProcessor,
+    )
+
+    # Inputs of 128 px at least: at 64 px a square image's extra DINO level is 1x1, which its GroupNorm rejects.
+    dino, sam = path / "grounding-dino", path / "sam"
+    dino.mkdir(parents=True, exist_ok=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "the", "a", "on"]
+    words += list("abcdefghijklmnopqrstuvwxyz") + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
+    (dino / "vocab.txt").write_text("\n".join(words))
+    tokenizer = BertTokenizer(str(dino / "vocab.txt"))
+    config = GroundingDinoConfig(
+        backbone_config=dict(
+            model_type="swin",
+            image_size=64,
+            embed_dim=8,
+            depths=[1, 1, 1, 1],
+            num_heads=[1, 1, 1, 1],
+            window_size=2,
+            out_features=["stage2", "stage3", "stage4"],
+            out_indices=[2, 3, 4],
+        ),
+        text_config=dict(
+            model_type="bert",
+            vocab_size=len(words),
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+        ),
+        num_queries=10,
+        encoder_layers=1,
+        decoder_layers=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        d_model=32,
+        max_text_len=32,
+        encoder_n_points=2,
+        decoder_n_points=2,
+    )
+    torch.manual_seed(0)
+    GroundingDinoForObjectDetection(config).save_pretrained(dino)
+    GroundingDinoProcessor(
+        image_processor=GroundingDinoImageProcessorPil(size={"shortest_edge": 128, "longest_edge": 192}),
+        tokenizer=tokenizer,
+    ).save_pretrained(dino)
+    config = SamConfig(
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=64,
+            patch_size=16,
+            output_channels=16,
+            window_size=2,
+            global_attn_indexes=[0],
+            mlp_dim=32,
+            num_pos_feats=8,
+        ),
+        prompt_encoder_config=dict(hidden_size=16, image_size=64, patch_size=16, mask_input_channels=4),
+        mask_decoder_config=dict(
+            hidden_size=16, num_hidden_layers=1, num_attention_heads=2, mlp_dim=32, iou_head_hidden_dim=16
+        ),
+    )
+    SamModel(config).save_pretrained(sam)
+    SamProcessor(
+        image_processor=SamImageProcessorPil(size={"longest_edge": 64}, pad_size={"height": 64, "width": 64})
+    ).save_pretrained(sam)
+    return {
+        "checkpoint": str(dino),
+        "sam_checkpoint": str(sam),
+        "box_threshold": 0.0,
+        "text_threshold": 0.0,
+        "max_instances": 3,
+    }
+
+
+def save_tiny_evf_sam(path: Path) -> dict:
+    """A tiny random EVF-SAM checkpoint in the published file layout."""
+    from cgpo_trl.saliency.segmenters.evf.tiny import save_tiny_checkpoint
+
+    return {"checkpoint": save_tiny_checkpoint(path)}
+
+
+TINY_SEGMENTERS = {
+    "clipseg": save_tiny_clipseg,
+    "sam3": save_tiny_sam3,
+    "grounded-sam": save_tiny_grounded_sam,
+    "evf-sam": save_tiny_evf_sam,
+}
+"""Backend name -> builder of a tiny random checkpoint; each returns the options `load_segmenter` needs."""

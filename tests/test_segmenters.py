@@ -10,6 +10,7 @@ from cgpo_trl.saliency.segmenters import (
     load_segmenter,
     register_segmenter,
 )
+from cgpo_trl.testing import TINY_SEGMENTERS
 
 
 @register_segmenter("test-left-half")
@@ -236,160 +237,10 @@ OTHER_IMAGE = Image.fromarray(np.random.default_rng(1).integers(0, 256, (200, 15
 EXPRESSIONS = ["the red circle", "a dog on the left"]
 
 
-def _clip_tokenizer():
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for char in sorted(ByteLevel.alphabet()):
-        vocab.setdefault(char, len(vocab))
-        vocab.setdefault(char + "</w>", len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=[])
-
-
 @pytest.fixture(scope="module")
-def clipseg_checkpoint(tmp_path_factory):
-    import torch
-    from transformers import CLIPSegConfig, CLIPSegForImageSegmentation, CLIPSegProcessor, ViTImageProcessorPil
-
-    tokenizer = _clip_tokenizer()
-    config = CLIPSegConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-            num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-        ),
-        vision_config=dict(
-            hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2, image_size=64,
-            patch_size=16,
-        ),
-        projection_dim=16, reduce_dim=16, extract_layers=[1], decoder_num_attention_heads=2,
-        decoder_intermediate_size=32,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("clipseg")
-    CLIPSegForImageSegmentation(config).save_pretrained(path)
-    image_processor = ViTImageProcessorPil(size={"height": 64, "width": 64})
-    CLIPSegProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def sam3_checkpoint(tmp_path_factory):
-    import json
-
-    import torch
-    from transformers import Sam3Config, Sam3Model
-
-    tokenizer = _clip_tokenizer()
-    config = Sam3Config(
-        vision_config=dict(
-            backbone_config=dict(
-                model_type="sam3_vit_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=2, image_size=112, patch_size=14, window_size=4, global_attn_indexes=[1],
-                pretrain_image_size=112,
-            ),
-            fpn_hidden_size=32, backbone_feature_sizes=[[32, 32], [16, 16], [8, 8]],
-        ),
-        text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, projection_dim=32, num_hidden_layers=2,
-            num_attention_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-        ),
-        geometry_encoder_config=dict(hidden_size=32, num_layers=1, num_attention_heads=2, intermediate_size=64),
-        detr_encoder_config=dict(hidden_size=32, num_layers=1, num_attention_heads=2, intermediate_size=64),
-        detr_decoder_config=dict(
-            hidden_size=32, num_layers=1, num_queries=8, num_attention_heads=2, intermediate_size=64
-        ),
-        mask_decoder_config=dict(hidden_size=32, num_upsampling_stages=3, num_attention_heads=2),
-    )  # fmt: skip
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("sam3")
-    Sam3Model(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    # Sam3ImageProcessor needs torchvision; its config is plain JSON, which is all the backend reads.
-    (path / "preprocessor_config.json").write_text(
-        json.dumps(
-            {
-                "image_processor_type": "Sam3ImageProcessor",
-                "size": {"height": 112, "width": 112},
-                "image_mean": [0.5, 0.5, 0.5],
-                "image_std": [0.5, 0.5, 0.5],
-                "rescale_factor": 1 / 255,
-            }
-        )
-    )
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def grounded_sam_checkpoints(tmp_path_factory):
-    import torch
-    from transformers import (
-        BertTokenizer,
-        GroundingDinoConfig,
-        GroundingDinoForObjectDetection,
-        GroundingDinoImageProcessorPil,
-        GroundingDinoProcessor,
-        SamConfig,
-        SamImageProcessorPil,
-        SamModel,
-        SamProcessor,
-    )
-
-    dino = tmp_path_factory.mktemp("grounding-dino")
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "the", "a", "on"]
-    words += list("abcdefghijklmnopqrstuvwxyz") + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
-    (dino / "vocab.txt").write_text("\n".join(words))
-    tokenizer = BertTokenizer(str(dino / "vocab.txt"))
-    config = GroundingDinoConfig(
-        backbone_config=dict(
-            model_type="swin", image_size=64, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
-            window_size=2, out_features=["stage2", "stage3", "stage4"], out_indices=[2, 3, 4],
-        ),
-        text_config=dict(
-            model_type="bert", vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-            intermediate_size=32,
-        ),
-        num_queries=10, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
-        encoder_attention_heads=2, decoder_attention_heads=2, d_model=32, max_text_len=32, encoder_n_points=2,
-        decoder_n_points=2,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    GroundingDinoForObjectDetection(config).save_pretrained(dino)
-    image_processor = GroundingDinoImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 96})
-    GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(dino)
-
-    sam = tmp_path_factory.mktemp("sam")
-    config = SamConfig(
-        vision_config=dict(
-            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=64,
-            patch_size=16, output_channels=16, window_size=2, global_attn_indexes=[0], mlp_dim=32, num_pos_feats=8,
-        ),
-        prompt_encoder_config=dict(hidden_size=16, image_size=64, patch_size=16, mask_input_channels=4),
-        mask_decoder_config=dict(
-            hidden_size=16, num_hidden_layers=1, num_attention_heads=2, mlp_dim=32, iou_head_hidden_dim=16
-        ),
-    )  # fmt: skip
-    SamModel(config).save_pretrained(sam)
-    image_processor = SamImageProcessorPil(size={"longest_edge": 64}, pad_size={"height": 64, "width": 64})
-    SamProcessor(image_processor=image_processor).save_pretrained(sam)
-    return str(dino), str(sam)
-
-
-@pytest.fixture(scope="module")
-def backend_options(clipseg_checkpoint, sam3_checkpoint, grounded_sam_checkpoints):
-    dino, sam = grounded_sam_checkpoints
-    return {
-        "clipseg": {"checkpoint": clipseg_checkpoint},
-        # Thresholds at 0 so random weights still yield instances to check.
-        "sam3": {"checkpoint": sam3_checkpoint, "score_threshold": 0.0},
-        "grounded-sam": {
-            "checkpoint": dino,
-            "sam_checkpoint": sam,
-            "box_threshold": 0.0,
-            "text_threshold": 0.0,
-            "max_instances": 3,
-        },
-    }
+def backend_options(tmp_path_factory):
+    """Tiny random checkpoints of every transformers backend, saved and loaded through `checkpoint=` like a user's."""
+    return {name: TINY_SEGMENTERS[name](tmp_path_factory.mktemp(name)) for name in ("clipseg", "sam3", "grounded-sam")}
 
 
 def _check_masks(results, images):
