@@ -34,6 +34,7 @@ from common import (  # noqa: E402
     REWARD_WEIGHTS,
     evaluate_saliency,
     logged,
+    rl_settings,
     saliency_rewards,
     saliency_rows,
     slug,
@@ -89,25 +90,15 @@ def rl_run(name: str, checkpoint: Path, train, held_out, seed: int, steps: int, 
 
     model, processor = load_model_and_processor(str(checkpoint))
     funcs = saliency_rewards(processor, model, MAX_COMPLETION)
-    common = dict(
-        output_dir=str(out / "runs" / slug(name) / f"seed{seed}"),
-        use_cpu=True,
-        bf16=False,
-        learning_rate=lr,
-        lr_scheduler_type="constant",
-        max_steps=steps,
-        per_device_train_batch_size=16,
+    common = rl_settings(
+        out / "runs" / slug(name) / f"seed{seed}",
+        lr=lr,
+        steps=steps,
+        batch_size=16,
         max_completion_length=MAX_COMPLETION,
-        temperature=1.0,
-        logging_steps=5,
-        report_to=[],
-        save_strategy="no",
         seed=seed,
         reward_weights=REWARD_WEIGHTS,
-        adam_beta2=0.98,
-        max_grad_norm=1.0,
-        disable_tqdm=True,
-        beta=0.0,
+        logging_steps=5,
     )
     if name == GRPO:
         trainer = GRPOTrainer(

@@ -49,6 +49,7 @@ from common import (  # noqa: E402
     logged,
     max_rss_mib,
     median_spread,
+    rl_settings,
     saliency_rewards,
     saliency_rows,
     slug,
@@ -216,25 +217,15 @@ def run_config(
     steps = max(total_completions // (prompts_per_step * g), 1)
     model, processing_class = regime.model()
     funcs, weights = regime.reward_funcs(model, processing_class)
-    common = dict(
-        output_dir=str(out / "runs" / regime.name / slug(name)),
-        use_cpu=True,
-        bf16=False,
-        learning_rate=lr,
-        lr_scheduler_type="constant",
-        max_steps=steps,
-        per_device_train_batch_size=prompts_per_step * g,
+    common = rl_settings(
+        out / "runs" / regime.name / slug(name),
+        lr=lr,
+        steps=steps,
+        batch_size=prompts_per_step * g,
         max_completion_length=regime.max_completion_length,
-        temperature=1.0,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
         seed=seed,
         reward_weights=weights,
-        adam_beta2=0.98,
-        max_grad_norm=1.0,
-        disable_tqdm=True,
-        beta=0.0,
+        logging_steps=1,
     )
     if g == 1:
         extra = {"confidence_calibration": "batch"} if name == "CGPO batch" else {}

@@ -61,6 +61,41 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
+def rl_settings(
+    output_dir: Path,
+    *,
+    lr: float,
+    steps: int,
+    batch_size: int,
+    max_completion_length: int,
+    seed: int,
+    reward_weights: list[float],
+    logging_steps: int,
+) -> dict:
+    """GRPOConfig / CGPOConfig fields every RL benchmark run shares: CPU, constant lr, temperature 1, no KL, and the
+    optimiser settings measured to keep the tiny models stable (adam beta2 0.98, grad clip 1)."""
+    return dict(
+        output_dir=str(output_dir),
+        use_cpu=True,
+        bf16=False,
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        max_completion_length=max_completion_length,
+        temperature=1.0,
+        logging_steps=logging_steps,
+        report_to=[],
+        save_strategy="no",
+        seed=seed,
+        reward_weights=reward_weights,
+        adam_beta2=0.98,
+        max_grad_norm=1.0,
+        disable_tqdm=True,
+        beta=0.0,
+    )
+
+
 def median_spread(values: list[float]) -> tuple[float, float]:
     """Median and half the inter-quartile range (robust on a shared, noisy machine)."""
     values = [v for v in values if v is not None and not math.isnan(v)]
