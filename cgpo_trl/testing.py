@@ -226,6 +226,25 @@ def image_prompt_dataset(n: int = 8, image_size: int = 56, seed: int = 0) -> Dat
     return Dataset.from_dict({"prompt": [prompt] * n, "images": images})
 
 
+def tiny_run_settings(output_dir: str | os.PathLike, **overrides) -> dict:
+    """Trainer fields for a few fast CPU steps of the tiny models (a high lr so parameters visibly move)."""
+    settings = dict(
+        output_dir=str(output_dir),
+        use_cpu=True,
+        bf16=False,
+        per_device_train_batch_size=4,
+        max_completion_length=8,
+        max_steps=3,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        seed=0,
+    )
+    settings.update(overrides)
+    return settings
+
+
 def save_tiny_vlm(path: str | os.PathLike, seed: int = 0, **kwargs) -> str:
     """Write a tiny VLM checkpoint folder (model + processor), loadable by `load_model_and_processor`."""
     model, processor = build_tiny_vlm(seed=seed, **kwargs)

@@ -17,6 +17,7 @@ from cgpo_trl.testing import (
     length_reward,
     save_tiny_lm,
     text_prompt_dataset,
+    tiny_run_settings,
 )
 
 
@@ -26,21 +27,7 @@ def has_digit_reward(completions, **kwargs):
 
 
 def make_args(tmp_path, **overrides):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        use_cpu=True,
-        bf16=False,
-        per_device_train_batch_size=4,
-        max_completion_length=8,
-        max_steps=3,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        seed=0,
-    )
-    base.update(overrides)
-    return base
+    return tiny_run_settings(tmp_path / "out", **overrides)
 
 
 class RecordingCGPOTrainer(CGPOTrainer):

@@ -8,7 +8,7 @@ from datasets import concatenate_datasets
 from cgpo_trl import CGPOConfig, CGPOTrainer
 from cgpo_trl.data.synthetic import generate_synthetic
 from cgpo_trl.saliency.rewards import build_reward_funcs, eos_token_ids_of
-from cgpo_trl.testing import build_tiny_vlm
+from cgpo_trl.testing import build_tiny_vlm, tiny_run_settings
 
 
 class Recording:
@@ -34,17 +34,7 @@ def test_cgpo_trains_on_mixed_synthetic_tasks_with_shapes_and_saliency_reward(tm
     )
     recording = Recording(saliency_reward)
     args = CGPOConfig(
-        output_dir=str(tmp_path / "out"),
-        use_cpu=True,
-        bf16=False,
-        per_device_train_batch_size=2,
-        max_completion_length=16,
-        max_steps=3,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        seed=0,
+        **tiny_run_settings(tmp_path / "out", per_device_train_batch_size=2, max_completion_length=16),
         # A random model scores 0 everywhere; without calibration A_t = r - b_t still moves every parameter, which
         # is what this plumbing test checks (online calibration would give A = 0 until rewards vary).
         confidence_calibration="none",

@@ -7,22 +7,13 @@ import sys
 import torch.distributed as dist
 
 from cgpo_trl import CGPOConfig, CGPOTrainer
-from cgpo_trl.testing import build_tiny_lm, length_reward, text_prompt_dataset
+from cgpo_trl.testing import build_tiny_lm, length_reward, text_prompt_dataset, tiny_run_settings
 
 
 def main(out_dir: str) -> None:
     model, tokenizer = build_tiny_lm(seed=0)
     args = CGPOConfig(
-        output_dir=os.path.join(out_dir, "run"),
-        use_cpu=True,
-        bf16=False,
-        per_device_train_batch_size=4,
-        max_completion_length=8,
-        max_steps=3,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
+        **tiny_run_settings(os.path.join(out_dir, "run"), seed=42),
         confidence_calibration="online",
         calibration_min_pairs=4,
     )
