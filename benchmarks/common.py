@@ -131,7 +131,7 @@ class StepProfiler(TrainerCallback):
             self._wrap("_max_logprob", "max_logprob")  # the no-grad LM-head projection of `max_prob`
             self._wrap("_log_cgpo_metrics", "confidence_metrics")  # logging: gathers, correlation, ECE
             if getattr(trainer, "calibrator", None) is not None:
-                self._wrap("update", "calibration_fit", owner=trainer.calibrator)  # online map refit
+                self._wrap("commit", "calibration_fit", owner=trainer.calibrator)  # online map refit
         original = trainer._generate_and_score_completions
 
         def counted(inputs):

@@ -94,19 +94,24 @@ def get_confidence_estimator(confidence: str | Callable, level: str) -> Confiden
     return _REGISTRY[(level, confidence)]
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = -1) -> torch.Tensor:
+    """Mean of ``x`` over the positions where ``mask`` is 1 (along ``dim``, or everything with ``dim=None``); 0 where
+    nothing is valid. The one masked mean used for confidences, advantages and logging."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1.0)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
 
 
 @register_confidence_estimator("geo_mean", "sequence")
 def _geo_mean(inputs: ConfidenceInputs) -> torch.Tensor:
     """exp of the mean token log-prob: the geometric mean of the sampled tokens' probabilities."""
-    return torch.exp(_masked_mean(inputs.logps, inputs.mask))
+    return torch.exp(masked_mean(inputs.logps, inputs.mask))
 
 
 @register_confidence_estimator("arith_mean", "sequence")
 def _arith_mean(inputs: ConfidenceInputs) -> torch.Tensor:
-    return _masked_mean(torch.exp(inputs.logps), inputs.mask)
+    return masked_mean(torch.exp(inputs.logps), inputs.mask)
 
 
 @register_confidence_estimator("min_prob", "sequence")
@@ -139,7 +144,8 @@ def _neg_entropy(inputs: ConfidenceInputs) -> torch.Tensor:
 
 
 def span_mask_from_text(pieces: list[str], open_marker: str, close_marker: str) -> list[int]:
-    """1 for tokens whose text lies strictly inside the first ``open_marker … close_marker`` pair, else 0.
+    """1 for tokens whose text overlaps the inside of the first ``open_marker … close_marker`` pair, else 0 (a
+    token that straddles a marker counts).
 
     ``pieces`` are the decoded tokens of one completion. Without an opening marker every token counts (the answer
     span is "when present"); an opening marker without a closing one extends the span to the end.
@@ -158,65 +164,73 @@ def span_mask_from_text(pieces: list[str], open_marker: str, close_marker: str) 
     return mask
 
 
-def scale_rewards(rewards_per_func: torch.Tensor, weights: torch.Tensor, scaling: str) -> torch.Tensor:
-    """Weighted reward per completion; ``weight_sum`` divides by the weights of the functions that scored it.
-
-    A function that returned None (NaN) for a completion is left out of both sums, so ``r`` stays in [0, 1] when
-    every function does. A completion no function scored gets NaN.
-    """
-    present = ~torch.isnan(rewards_per_func)
-    weighted = (torch.nan_to_num(rewards_per_func) * weights).sum(-1)
-    if scaling == "weight_sum":
-        norm = (present.float() * weights).sum(-1)
-        weighted = weighted / norm.where(norm != 0, torch.ones_like(norm))
-    elif scaling != "none":
-        raise ValueError(f"reward_scaling={scaling!r} is not one of ('weight_sum', 'none')")
-    return weighted.masked_fill(~present.any(-1), math.nan)
-
-
 @dataclass
 class OnlineCalibrator:
     """Monotone map g: confidence -> expected reward, refitted on a sliding window of recent (c, r) pairs (one per
     completion for sequence confidences, a few per completion for token baselines: see `token_pairs`).
 
-    g(c) = sigmoid(a * logit(c) + b) with a >= 0 (Platt scaling with soft targets, fitted in float64). The window holds pairs gathered from every process, so every process fits the same map. Before
-    ``min_pairs`` pairs exist, g is the window's mean reward (a constant baseline; 0 with an empty window).
+    g(c) = sigmoid(a * logit(c) + b) with a >= 0 (Platt scaling with soft targets, fitted in float64). Pairs are
+    `add`ed when a generated batch is first scored and `commit`ted (window update + refit) only after the batch's
+    last use, so g never scores a batch it was fitted on, even when TRL reuses a generation (`num_iterations > 1`,
+    `steps_per_generation > 1`). The window holds pairs gathered from every process, so every process fits the same
+    map. Until ``min_pairs`` pairs have been committed the map is not fitted (`fitted` is False) and the caller picks
+    the fallback (the trainer uses the global batch's mean reward).
     """
 
     window: int = 2048
     min_pairs: int = 64
     confidences: list[float] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)
+    pending_confidences: list[float] = field(default_factory=list)
+    pending_rewards: list[float] = field(default_factory=list)
     a: float | None = None
     b: float | None = None
 
-    def __call__(self, c: torch.Tensor) -> torch.Tensor:
-        if self.a is None:
-            mean = float(np.mean(self.rewards)) if self.rewards else 0.0
-            return torch.full_like(c, mean)
-        return torch.sigmoid(self.a * torch.logit(c.clamp(1e-4, 1 - 1e-4)) + self.b)
+    def __post_init__(self):
+        if self.min_pairs < 2:
+            raise ValueError(
+                f"calibration_min_pairs must be >= 2 (a map needs pairs to be fitted on), got {self.min_pairs}"
+            )
+        if self.window < self.min_pairs:
+            raise ValueError(f"calibration_window ({self.window}) must be >= calibration_min_pairs ({self.min_pairs})")
 
-    def update(self, c: torch.Tensor, r: torch.Tensor) -> None:
+    @property
+    def fitted(self) -> bool:
+        return self.a is not None
+
+    def __call__(self, c: torch.Tensor) -> torch.Tensor:
+        if not self.fitted:
+            raise RuntimeError("the online calibration map is not fitted yet; check `fitted` first")
+        return torch.sigmoid(self.a * torch.logit(c.double().clamp(1e-4, 1 - 1e-4)) + self.b).to(c.dtype)
+
+    def add(self, c: torch.Tensor, r: torch.Tensor) -> None:
+        """Queue pairs for the next `commit` (NaN pairs are dropped)."""
         keep = ~(torch.isnan(c) | torch.isnan(r))
-        self.confidences.extend(c[keep].tolist())
-        self.rewards.extend(r[keep].tolist())
+        self.pending_confidences.extend(c[keep].tolist())
+        self.pending_rewards.extend(r[keep].tolist())
+
+    def commit(self) -> None:
+        """Move the queued pairs into the window and refit."""
+        if not self.pending_rewards:
+            return
+        self.confidences.extend(self.pending_confidences)
+        self.rewards.extend(self.pending_rewards)
+        self.pending_confidences, self.pending_rewards = [], []
         del self.confidences[: -self.window], self.rewards[: -self.window]
         if len(self.rewards) >= self.min_pairs:
             self.a, self.b = _fit_platt(np.asarray(self.confidences), np.asarray(self.rewards))
 
+    _STATE = ("window", "min_pairs", "confidences", "rewards", "pending_confidences", "pending_rewards", "a", "b")
+
     def state_dict(self) -> dict:
-        return {
-            "window": self.window,
-            "min_pairs": self.min_pairs,
-            "confidences": self.confidences,
-            "rewards": self.rewards,
-            "a": self.a,
-            "b": self.b,
-        }
+        return {key: getattr(self, key) for key in self._STATE}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("window", "min_pairs", "confidences", "rewards", "a", "b"):
-            setattr(self, key, state[key])
+        missing = [key for key in self._STATE if key not in state and not key.startswith("pending")]
+        if missing:
+            raise ValueError(f"calibration state is missing {missing}")
+        for key in self._STATE:
+            setattr(self, key, state.get(key, []))
 
 
 def _fit_platt(c: np.ndarray, r: np.ndarray, l2: float = 1e-3) -> tuple[float, float]:
@@ -276,34 +290,3 @@ def expected_calibration_error(c: torch.Tensor, r: torch.Tensor, bins: int = 10)
         sel = index == b
         ece += sel.double().mean().item() * abs(c[sel].mean().item() - r[sel].mean().item())
     return ece
-
-
-def cgpo_advantages(
-    rewards: torch.Tensor,
-    confidence: torch.Tensor,
-    calibration: str,
-    calibrator: OnlineCalibrator | None = None,
-    batch_gap_mean: torch.Tensor | None = None,
-    clip: float | None = None,
-) -> torch.Tensor:
-    """A = r - c for (B,) sequence confidences, A_t = r - b_t for (B, T) token baselines.
-
-    ``calibration``: ``none`` uses c as is; ``online`` replaces c by ``calibrator(c)``; ``batch`` subtracts
-    ``batch_gap_mean``, the mean of (r - c) over the global batch (per completion, with token baselines averaged
-    over each completion's tokens). Completions with a NaN reward (no reward function scored them) get A = 0.
-    """
-    if calibration == "online":
-        if calibrator is None:
-            raise ValueError("confidence_calibration='online' needs an OnlineCalibrator")
-        confidence = calibrator(confidence)
-    r = rewards if confidence.dim() == 1 else rewards.unsqueeze(1)
-    advantages = r - confidence
-    if calibration == "batch":
-        if batch_gap_mean is None:
-            raise ValueError("confidence_calibration='batch' needs the global batch mean of r - c")
-        advantages = advantages - batch_gap_mean
-    elif calibration not in CALIBRATIONS:
-        raise ValueError(f"confidence_calibration={calibration!r} is not one of {CALIBRATIONS}")
-    if clip is not None:
-        advantages = advantages.clamp(-clip, clip)
-    return torch.nan_to_num(advantages, nan=0.0)

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
+from .advantages import BASELINES, CONFIDENCE_BASELINES, REWARD_SCALINGS, SCALES, TRACKER_BASELINES
 from .confidence import CALIBRATIONS, LEVELS, SPANS, get_confidence_estimator
 
 DEFAULT_ESTIMATOR = {"token": "max_prob", "sequence": "geo_mean"}
+CONFIDENCE_LOGPS = ("policy", "sampler")
+# Loss aggregations that divide each completion by its own length: any non-zero baseline then adds a bias of the
+# order of the reward signal (docs/cgpo_algebra.md, exact toy table).
+LENGTH_NORMALISED_LOSSES = ("grpo", "sapo")
 
 
 class _SingleSample(int):
@@ -32,6 +38,20 @@ class CGPOConfig(GRPOConfig):
     within a group.
 
     Parameters:
+        baseline (`str`, defaults to `"confidence"`):
+            What is subtracted from `r`: `"confidence"` (the model's confidence, below), `"batch_mean"` (the global
+            batch's mean reward; with `scale_rewards="batch"` this is REINFORCE++ with one sample), `"prompt_tracker"`
+            (SPO's per-prompt Beta value tracker, state shared across processes and saved in checkpoints) or
+            `"tracker_confidence"` (the tracker for prompts seen before, the confidence baseline for new ones).
+        scale_rewards (`str`, defaults to `"none"`):
+            `"none"` or `"batch"` (divide the advantages by their global standard deviation, as GRPO's `"batch"`).
+            GRPO's `"group"` has no meaning without groups and is refused.
+        tracker_rho (`float`, defaults to `0.9`):
+            Forgetting factor of the per-prompt tracker: `alpha <- rho * alpha + r`, `beta <- rho * beta + 1 - r`.
+        confidence_logps (`str`, defaults to `"policy"`):
+            Log-probs a sequence-level confidence is computed from: `"policy"` (TRL's old-policy log-probs when the
+            step has them, else the loss pass's own) or `"sampler"` (vLLM's sampling log-probs when present; they
+            depend on the server's sampling settings).
         confidence_level (`str`, defaults to `"token"`):
             `"sequence"`: one confidence `c(y)` per completion from the sampled tokens' own probabilities (the paper's
             literal form). `"token"`: a baseline `b_t` per completion token from the policy's distribution at that
@@ -61,6 +81,25 @@ class CGPOConfig(GRPOConfig):
             `"weight_sum"`: `r = sum_i w_i r_i / sum_i w_i` (in [0, 1] when every reward is); `"none"`: `sum_i w_i r_i`.
     """
 
+    baseline: str = field(
+        default="confidence",
+        metadata={
+            "help": "`confidence`, `batch_mean`, `prompt_tracker` or `tracker_confidence`.",
+            "choices": list(BASELINES),
+        },
+    )
+    scale_rewards: str = field(
+        default="none",
+        metadata={"help": "`none` or `batch` (divide advantages by their global std). `group` is refused."},
+    )
+    tracker_rho: float = field(default=0.9, metadata={"help": "Forgetting factor of the per-prompt tracker."})
+    confidence_logps: str = field(
+        default="policy",
+        metadata={
+            "help": "Sequence confidence from the `policy`'s own log-probs or the `sampler`'s (vLLM).",
+            "choices": list(CONFIDENCE_LOGPS),
+        },
+    )
     num_generations: int | None = field(
         default=1,
         metadata={"help": "Independent completions per prompt (1 = single-sample CGPO). Never group-normalised."},
@@ -135,10 +174,74 @@ class CGPOConfig(GRPOConfig):
             raise ValueError(f"answer_markers must be two non-empty strings, got {self.answer_markers!r}")
         if self.advantage_clip is not None and self.advantage_clip <= 0:
             raise ValueError(f"advantage_clip must be positive, got {self.advantage_clip}")
-        if self.reward_scaling not in ("weight_sum", "none"):
-            raise ValueError(f"reward_scaling={self.reward_scaling!r} is not one of ('weight_sum', 'none')")
+        if self.reward_scaling not in REWARD_SCALINGS:
+            raise ValueError(f"reward_scaling={self.reward_scaling!r} is not one of {REWARD_SCALINGS}")
+        if self.calibration_min_pairs < 2:
+            raise ValueError(f"calibration_min_pairs must be >= 2, got {self.calibration_min_pairs}")
         if self.calibration_window < self.calibration_min_pairs:
             raise ValueError(
                 f"calibration_window ({self.calibration_window}) must be >= calibration_min_pairs "
                 f"({self.calibration_min_pairs})"
+            )
+        if self.baseline not in BASELINES:
+            raise ValueError(f"baseline={self.baseline!r} is not one of {BASELINES}")
+        if self.scale_rewards == "group":
+            raise ValueError(
+                "scale_rewards='group' normalises within groups of completions of one prompt; CGPO has no groups. "
+                "Use scale_rewards='batch' (global standard deviation) or 'none'"
+            )
+        if self.scale_rewards not in SCALES:
+            raise ValueError(f"scale_rewards={self.scale_rewards!r} is not one of {SCALES}")
+        if self.multi_objective_aggregation != "sum_then_normalize":
+            raise ValueError(
+                f"multi_objective_aggregation={self.multi_objective_aggregation!r} normalises each reward within "
+                "groups; CGPO combines rewards with `reward_scaling` (weighted mean or sum) and has no groups"
+            )
+        if self.confidence_logps not in CONFIDENCE_LOGPS:
+            raise ValueError(f"confidence_logps={self.confidence_logps!r} is not one of {CONFIDENCE_LOGPS}")
+        if self.baseline in TRACKER_BASELINES and not 0.0 < self.tracker_rho <= 1.0:
+            raise ValueError(f"tracker_rho must be in (0, 1], got {self.tracker_rho}")
+        if self.reward_weights is not None and self.needs_unit_rewards and any(w < 0 for w in self.reward_weights):
+            raise ValueError(
+                f"reward_weights={self.reward_weights} has a negative weight, so r can leave [0, 1]; "
+                f"baseline={self.baseline!r} compares r with a value in [0, 1]. Use non-negative weights (give a "
+                "penalty as 1 - penalty) or baseline='batch_mean'"
+            )
+        self._warn_biased_combinations()
+
+    @property
+    def needs_unit_rewards(self) -> bool:
+        """Confidences and tracker values live in [0, 1], so their baselines need rewards in [0, 1]."""
+        return self.baseline in CONFIDENCE_BASELINES + TRACKER_BASELINES
+
+    def _warn_biased_combinations(self) -> None:
+        """Combinations whose baseline term has a non-zero expected gradient (docs/cgpo_algebra.md, exact toys)."""
+        if self.loss_type in LENGTH_NORMALISED_LOSSES:
+            warnings.warn(
+                f"loss_type={self.loss_type!r} divides each completion's loss by its own length, so any non-zero "
+                "baseline (CGPO's, or GRPO's group mean) adds a bias comparable to the reward signal; 'dr_grpo' is "
+                "exact and 'dapo' (the default) is biased only by O(1/tokens per batch). See docs/cgpo_algebra.md",
+                stacklevel=4,
+            )
+        if self.loss_type == "vespo":
+            warnings.warn(
+                "loss_type='vespo' reweights completions by their importance ratios; CGPO's baselines were not "
+                "analysed under it (docs/cgpo_algebra.md)",
+                stacklevel=4,
+            )
+        uses_confidence = self.baseline in CONFIDENCE_BASELINES
+        if uses_confidence and self.confidence_level == "token" and self.importance_sampling_level == "sequence":
+            warnings.warn(
+                "importance_sampling_level='sequence' multiplies every token by the completion's mean token "
+                "advantage, which includes baselines b_t of later tokens: token-level confidence baselines are then "
+                "slightly biased (docs/cgpo_algebra.md). Use importance_sampling_level='token', or a prompt-level "
+                "baseline ('batch_mean', 'prompt_tracker')",
+                stacklevel=4,
+            )
+        if uses_confidence and self.confidence_level == "sequence" and self.confidence != "none":
+            warnings.warn(
+                f"confidence_level='sequence' with confidence={self.confidence!r} subtracts a function of the sampled "
+                "completion itself: not a baseline, it biases the gradient towards higher entropy (the paper's literal "
+                "form, docs/cgpo_algebra.md). The token level is unbiased",
+                stacklevel=4,
             )

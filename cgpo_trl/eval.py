@@ -65,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--convention",
         choices=CONVENTIONS,
         default=DEFAULT_CONVENTION,
-        help="'image': mean over all images (eval-co-sod toolbox, default); 'group': mean of per-group means "
-        "(PySODEvalToolkit)",
+        help="'image': mean over all images, as the eval-co-sod toolbox averages (default; pysodmetrics formulas and "
+        "cv2 resizing, so up to 0.02 from that toolbox on resized soft maps, see docs/evaluation.md); 'group': mean "
+        "of per-group means (PySODEvalToolkit)",
     )
     add_common(cosod, folders=True)
 
@@ -129,7 +130,8 @@ LOWER_IS_BETTER = {"MAE"}
 
 
 class ReportConfigError(ValueError):
-    """The report config is malformed; the message names the file and field."""
+    """The report cannot run as configured (config file, a dataset, the segmenter or an output folder that holds
+    another run's predictions); the message names the file, field or folder."""
 
 
 @dataclass
@@ -142,7 +144,8 @@ class ReportDataset:
     label: str | None = None
     """Name shown in the tables (default: `name`)."""
     options: dict[str, Any] = field(default_factory=dict)
-    """Passed on: `SyntheticConfig` fields for synthetic sets, `skip_bad` / `annotations` for benchmarks."""
+    """Passed on to `load_saliency_dataset`: `split`, and `SyntheticConfig` fields for synthetic sets or `skip_bad`,
+    `annotations`, `layout`, `max_group_size` for benchmarks; any other key is an error naming it."""
     allow_missing: bool = False
 
 
@@ -158,6 +161,8 @@ class ReportConfig:
     """`model` generates answers; `reference` uses each row's `solution` (the segmenter's ceiling on data that has
     reference answers, e.g. the synthetic sets)."""
     cosod_convention: str = DEFAULT_CONVENTION
+    """`image` (eval-co-sod's averaging over all images; within 0.004 of that toolbox at the GT's size, 0.02 on
+    resized soft maps, measured in docs/evaluation.md) or `group` (PySODEvalToolkit's mean of group means)."""
     examples_per_dataset: int = 4
     workers: int | None = None
 
@@ -254,39 +259,61 @@ def _with_names_and_gt(dataset, task: str):
 
 
 def run_report(config: ReportConfig) -> dict:
-    """Predict and score every dataset of `config`; write report.md, report.json and examples.png."""
+    """Predict and score every dataset of `config`; write report.md, report.json and examples.png.
+
+    Every dataset is loaded and checked, and every output folder is checked against the settings its predictions
+    were made with (`cgpo_trl.predict.run_fingerprint`), before the segmenter and then the model are loaded: bad
+    input fails in seconds, and a folder holding another run's predictions is refused instead of reused.
+    """
     from cgpo_trl.data.benchmarks import load_saliency_dataset
-    from cgpo_trl.predict import PredictConfig, VLMGenerator, predict_rows, safe_name
+    from cgpo_trl.data.rows import check_name
+    from cgpo_trl.predict import PredictConfig, VLMGenerator, check_resume, predict_rows, run_fingerprint
     from cgpo_trl.saliency.segmenters import load_segmenter
 
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     predict_config = PredictConfig(output_dir=str(out), **config.predict)
+    if config.answers == "model" and predict_config.model_name_or_path is None:
+        raise ReportConfigError("model_name_or_path is required unless answers: reference")
+
+    prepared = []
+    for entry in config.datasets:
+        label = entry.label or entry.name
+        try:
+            target = out / check_name(label, "dataset label")
+            task = _dataset_task(entry.name)
+            dataset = load_saliency_dataset(entry.name, entry.data_dir, **entry.options)
+            dataset, gt_root = _with_names_and_gt(dataset, task)
+            if config.answers == "reference" and not all(dataset["solution"]):
+                raise ReportConfigError("answers: reference needs a `solution` in every row")
+            fingerprint = run_fingerprint(
+                dataset,
+                answers=config.answers,
+                model=predict_config.model_name_or_path,
+                generation=predict_config.generation(),
+                segmenter=predict_config.segmenter,
+                segmenter_kwargs=predict_config.segmenter_kwargs,
+                instance_score=predict_config.instance_score,
+            )
+            check_resume(target, fingerprint)
+        except ValueError as err:  # BenchmarkError, ResumeError, a bad name
+            raise ReportConfigError(f"dataset {label}: {err}") from None
+        prepared.append((entry, label, task, dataset, gt_root, target, fingerprint))
+
+    try:
+        segmenter = load_segmenter(predict_config.segmenter, **predict_config.segmenter_kwargs)
+    except (TypeError, ValueError) as err:
+        raise ReportConfigError(f"segmenter {predict_config.segmenter!r}: {err}") from None
     if config.answers == "reference":
         generate, model_label = (lambda rows: [row["solution"] for row in rows]), "reference answers"
     else:
-        if predict_config.model_name_or_path is None:
-            raise ReportConfigError("model_name_or_path is required unless answers: reference")
         generate = VLMGenerator.from_pretrained(
-            predict_config.model_name_or_path,
-            dtype=predict_config.dtype,
-            device=predict_config.device,
-            max_new_tokens=predict_config.max_new_tokens,
-            temperature=predict_config.temperature,
+            predict_config.model_name_or_path, device=predict_config.device, **predict_config.generation()
         )
         model_label = predict_config.model_name_or_path
-    segmenter = load_segmenter(predict_config.segmenter, **predict_config.segmenter_kwargs)
 
     tables: dict[str, dict[str, dict]] = {"sod": {}, "sis": {}, "cosod": {}}
     examples: list[tuple[str, list[Path]]] = []
-    for entry in config.datasets:
-        label = entry.label or entry.name
-        task = _dataset_task(entry.name)
-        dataset = load_saliency_dataset(entry.name, entry.data_dir, **entry.options)
-        dataset, gt_root = _with_names_and_gt(dataset, task)
-        if config.answers == "reference" and not all(dataset["solution"]):
-            raise ReportConfigError(f"dataset {label}: answers: reference needs a `solution` in every row")
-        target = out / safe_name(label)
+    for entry, label, task, dataset, gt_root, target, fingerprint in prepared:
         summary = predict_rows(
             dataset,
             generate,
@@ -297,6 +324,7 @@ def run_report(config: ReportConfig) -> dict:
             overlays=predict_config.overlays,
             write_ground_truth=gt_root is None,
             progress=predict_config.progress,
+            fingerprint=fingerprint,
         )
         common = dict(allow_missing=entry.allow_missing, workers=config.workers, progress=predict_config.progress)
         gt = gt_root or summary.gt_dir

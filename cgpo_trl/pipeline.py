@@ -15,11 +15,14 @@ overridable on the command line:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import json
 import logging
 import os
+import re
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -76,19 +79,42 @@ class DatasetSpec:
         if not isinstance(value, dict):
             raise ValueError(f"{where}: expected a mapping like {{name: synthetic, task: sod}}, got {value!r}")
         known = [f.name for f in dataclasses.fields(cls)]
-        for key in value:
+        for key, item in value.items():
             if key not in known:
                 raise ValueError(f"{where}: unknown key {key!r}{_suggest(key, known)}; known keys: {known}")
+            types, expected = _ENTRY_TYPES[key]
+            if isinstance(item, bool) or not isinstance(item, types):
+                raise ValueError(f"{where}: {key!r} must be {expected}, got {item!r} ({type(item).__name__})")
         spec = cls(**value)
         if spec.weight <= 0:
             raise ValueError(f"{where}: weight must be > 0, got {spec.weight}")
+        if spec.num_samples is not None and spec.num_samples < 1:
+            raise ValueError(f"{where}: num_samples must be >= 1, got {spec.num_samples} (an empty dataset)")
+        if spec.name not in (SYNTHETIC, DISK):
+            from .data.benchmarks import list_benchmarks
+
+            if spec.name.lower() not in list_benchmarks():
+                names = [SYNTHETIC, DISK, *list_benchmarks()]
+                raise ValueError(
+                    f"{where}: unknown benchmark {spec.name!r}{_suggest(spec.name.lower(), names)}; known names: {names}"
+                )
         if spec.name == SYNTHETIC and spec.task is None:
             raise ValueError(f"{where}: a synthetic dataset needs `task` (sod, sis or cosod)")
         if spec.name != SYNTHETIC and not spec.data_dir:
             raise ValueError(f"{where}: dataset {spec.name!r} needs `data_dir`")
-        if not isinstance(spec.options, dict):
-            raise ValueError(f"{where}: options must be a mapping, got {spec.options!r}")
         return spec
+
+
+_ENTRY_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "name": ((str,), "a string"),
+    "task": ((str, type(None)), "a string (sod, sis or cosod)"),
+    "weight": ((int, float), "a number"),
+    "num_samples": ((int, type(None)), "an integer"),
+    "split": ((str,), "a string"),
+    "data_dir": ((str, os.PathLike, type(None)), "a folder path"),
+    "options": ((dict,), "a mapping"),
+}
+"""Expected value types of a `datasets` entry's keys, checked before anything compares or loads them."""
 
 
 def _default_datasets() -> list[dict]:
@@ -158,6 +184,14 @@ class SaliencyScriptArguments:
             "help": "RL trainer: `cgpo` (CGPOTrainer) or `grpo` (the trl.GRPOTrainer baseline: same data, rewards "
             "and settings, CGPO-only fields ignored).",
             "choices": list(RL_TRAINERS),
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Let this run replace another run's model and checkpoints in output_dir (its checkpoint-N "
+            "folders are deleted when training starts). Without it such an output_dir is an error, unless "
+            "resume_from_checkpoint continues that run."
         },
     )
 
@@ -256,6 +290,24 @@ def check_config_keys(path: str | os.PathLike, parser: argparse.ArgumentParser) 
 
 
 # ----------------------------------------------------------------------------------------------- data
+@contextlib.contextmanager
+def cache_files_outside_inputs():
+    """Keep `datasets` from writing `cache-*.arrow` into the folders a run reads from.
+
+    Every `map` / `filter` of a dataset loaded with `load_from_disk` caches its result next to the dataset's own
+    files, i.e. in the user's `data_dir`. With caching off, results go to a temporary folder removed at exit.
+    """
+    from datasets import disable_caching, enable_caching, is_caching_enabled
+
+    was_enabled = is_caching_enabled()
+    disable_caching()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            enable_caching()
+
+
 def load_dataset_spec(spec: DatasetSpec):
     """One mixture component as a `datasets.Dataset` in the data contract's columns."""
     if spec.name == SYNTHETIC:
@@ -303,17 +355,30 @@ def build_mixture(
     stopping: str = "first_exhausted",
     instruction: str = "full",
     transform: Callable | None = None,
+    field_name: str = "datasets",
 ):
     """Interleave the components with probabilities proportional to their weights (`datasets.interleave_datasets`).
 
     `transform` (e.g. `to_sft_rows`) is applied to each component before mixing, so components of different kinds
-    (synthetic rows, reasoning conversations) meet in one schema.
+    (synthetic rows, reasoning conversations) meet in one schema. A component with no rows is an error naming its
+    entry (`field_name[i]`): a run must not train zero steps and save an untrained model.
     """
+    with cache_files_outside_inputs():
+        return _build_mixture(specs, seed, stopping, instruction, transform, field_name)
+
+
+def _build_mixture(specs, seed, stopping, instruction, transform, field_name):
     from datasets import interleave_datasets
 
     from .data.rows import ROW_FEATURES
 
     parts = [load_dataset_spec(spec) for spec in specs]
+    for position, (spec, part) in enumerate(zip(specs, parts)):
+        if len(part) == 0:
+            raise ValueError(
+                f"{field_name}[{position}] ({describe_datasets([spec])[0]}) has no rows; check its data_dir, task "
+                "and num_samples"
+            )
     if instruction == "short":
         parts = [
             part.map(_shorten_instruction, desc="short instructions") if "task" in part.column_names else part
@@ -346,21 +411,28 @@ def task_prompt(task: str, num_images: int = 1, instruction: str = "full") -> li
 
 
 def _shorten_instruction(row: dict) -> dict:
-    prompt = []
-    for message in row["prompt"]:
-        content = [
-            {**block, "text": SHORT_INSTRUCTIONS[row["task"]]} if block["type"] == "text" else block
-            for block in message["content"]
-        ]
-        prompt.append({**message, "content": content})
-    return {"prompt": prompt}
+    """The user turns' text -> the task's short instruction, in `prompt` (contract rows) or `messages` (the
+    conversations `python -m cgpo_trl.data.reasoning` writes, whose assistant turn is kept as it is)."""
+    column = "prompt" if "prompt" in row else "messages"
+    turns = []
+    for message in row[column]:
+        if message["role"] == "user":
+            content = [
+                {**block, "text": SHORT_INSTRUCTIONS[row["task"]]} if block["type"] == "text" else block
+                for block in message["content"]
+            ]
+            message = {**message, "content": content}
+        turns.append(message)
+    return {column: turns}
 
 
 def load_mixtures(script_args, seed: int, transform: Callable | None = None):
     """(train, eval-or-None) datasets of the script arguments."""
     options = dict(stopping=script_args.mixture_stopping, instruction=script_args.instruction, transform=transform)
     train = build_mixture(script_args.datasets, seed, **options)
-    evaluation = build_mixture(script_args.eval_datasets, seed, **options) if script_args.eval_datasets else None
+    evaluation = None
+    if script_args.eval_datasets:
+        evaluation = build_mixture(script_args.eval_datasets, seed, field_name="eval_datasets", **options)
     return train, evaluation
 
 
@@ -510,46 +582,49 @@ def to_grpo_config(args):
 
 def build_rl_trainer(script_args, training_args, model_args, model=None, processor=None):
     """`CGPOTrainer` (or the `GRPOTrainer` baseline) on the configured mixture, rewards and policy."""
-    from trl import GRPOTrainer
-
+    from .checkpoints import ResumableGRPOTrainer
     from .trainer import CGPOTrainer
 
+    check_output_dir(script_args, training_args)
+    train, evaluation = load_mixtures(script_args, training_args.seed)  # data errors before a model is loaded
     if model is None:
         model, processor = load_policy(model_args, seed=training_args.seed)
-    train, evaluation = load_mixtures(script_args, training_args.seed)
     args = training_args if script_args.trainer == "cgpo" else to_grpo_config(training_args)
     if args.reward_weights is not None and len(args.reward_weights) != len(script_args.reward_funcs):
         raise ValueError(
             f"reward_weights has {len(args.reward_weights)} values for {len(script_args.reward_funcs)} reward_funcs "
             f"{script_args.reward_funcs}"
         )
-    trainer_cls = CGPOTrainer if script_args.trainer == "cgpo" else GRPOTrainer
-    return trainer_cls(
-        model=model,
-        reward_funcs=build_reward_funcs(script_args, processor, model, args.max_completion_length),
-        args=args,
-        train_dataset=train,
-        eval_dataset=evaluation,
-        processing_class=processor,
-        peft_config=peft_config(model_args),
-    )
+    trainer_cls = CGPOTrainer if script_args.trainer == "cgpo" else ResumableGRPOTrainer
+    with cache_files_outside_inputs():
+        return trainer_cls(
+            model=model,
+            reward_funcs=build_reward_funcs(script_args, processor, model, args.max_completion_length),
+            args=args,
+            train_dataset=train,
+            eval_dataset=evaluation,
+            processing_class=processor,
+            peft_config=peft_config(model_args),
+        )
 
 
 def build_sft_trainer(script_args, training_args, model_args, model=None, processor=None):
     """`trl.SFTTrainer` on the mixture's reference answers (prompt-completion, loss on the completion only)."""
-    from trl import SFTTrainer
+    from .checkpoints import ResumableSFTTrainer
 
+    check_output_dir(script_args, training_args)
+    train, evaluation = load_mixtures(script_args, training_args.seed, transform=to_sft_rows)
     if model is None:
         model, processor = load_policy(model_args, seed=training_args.seed)
-    train, evaluation = load_mixtures(script_args, training_args.seed, transform=to_sft_rows)
-    return SFTTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train,
-        eval_dataset=evaluation,
-        processing_class=processor,
-        peft_config=peft_config(model_args),
-    )
+    with cache_files_outside_inputs():
+        return ResumableSFTTrainer(
+            model=model,
+            args=training_args,
+            train_dataset=train,
+            eval_dataset=evaluation,
+            processing_class=processor,
+            peft_config=peft_config(model_args),
+        )
 
 
 # ----------------------------------------------------------------------------------------------- run
@@ -562,9 +637,58 @@ def resolve_checkpoint(value: str | bool | None) -> str | bool | None:
     return value
 
 
+_CHECKPOINT_DIR = re.compile(r"^checkpoint-\d+$")
+RUN_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "adapter_model.safetensors",
+    "trainer_state.json",
+)
+"""Files whose presence in output_dir means another run saved its model or state there."""
+
+
+def previous_run_files(output_dir: str | os.PathLike) -> list[str]:
+    """Names in `output_dir` that a previous run wrote: its final model, trainer state and `checkpoint-N` folders."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    return sorted(
+        p.name for p in root.iterdir() if p.name in RUN_FILES or (_CHECKPOINT_DIR.match(p.name) and p.is_dir())
+    )
+
+
+def check_output_dir(script_args, training_args) -> list[str]:
+    """Refuse an output_dir holding another run's model or checkpoints unless told to overwrite it or to resume.
+
+    Returns that run's `checkpoint-N` folders when overwriting (for `train_and_save` to delete), else [].
+    """
+    found = previous_run_files(training_args.output_dir)
+    if not found or resolve_checkpoint(training_args.resume_from_checkpoint) is not None:
+        return []
+    if not script_args.overwrite_output_dir:
+        shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        raise FileExistsError(
+            f"output_dir {training_args.output_dir} already holds another run's model or checkpoints ({shown}); "
+            "pass --overwrite_output_dir true to replace them, --resume_from_checkpoint true to continue that run, "
+            "or choose another output_dir"
+        )
+    return [name for name in found if _CHECKPOINT_DIR.match(name)]
+
+
 def train_and_save(trainer, script_args, model_args, stage: str, metrics: dict | None = None) -> dict:
-    """Train (resuming if asked), save the final model with its processor, and write the model card."""
+    """Train (resuming if asked), save the final model with its processor, and write the model card.
+
+    With `overwrite_output_dir`, the previous run's checkpoints are deleted first, so a later
+    `--resume_from_checkpoint true` cannot pick up one of them.
+    """
     args = trainer.args
+    stale = check_output_dir(script_args, args)
+    if stale and trainer.is_world_process_zero():
+        logger.warning("overwrite_output_dir: deleting the previous run's %s in %s", stale, args.output_dir)
+        for name in stale:
+            shutil.rmtree(Path(args.output_dir) / name)
+    trainer.accelerator.wait_for_everyone()
     result = trainer.train(resume_from_checkpoint=resolve_checkpoint(args.resume_from_checkpoint))
     train_metrics = dict(result.metrics)
     trainer.log_metrics("train", train_metrics)

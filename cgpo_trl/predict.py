@@ -5,7 +5,8 @@ python -m cgpo_trl.predict --model_name_or_path CKPT --images DIR --task sod --o
     [--segmenter evf-sam --segmenter_kwargs '{"checkpoint": "YxZhang/evf-sam2"}'] [--batch_size 8]
 ```
 `--images DIR` holds one image per file (SOD, SIS) or one folder of images per group (CoSOD: `DIR/<group>/*.jpg`).
-Everything is written under `OUT` in the layout the benchmarks and `python -m cgpo_trl.eval` use:
+Everything is written under `OUT` in the layout the benchmarks and `python -m cgpo_trl.eval` use, with every file
+and group name kept exactly as on disk (spaces included):
 
 | path | what |
 |---|---|
@@ -14,22 +15,29 @@ Everything is written under `OUT` in the layout the benchmarks and `python -m cg
 | `results.json` | SIS detections as COCO results (`image_id`, `category_id` 1, RLE `segmentation`, `score`) |
 | `overlays/...png` | the image with the predicted mask(s) tinted and the expressions as a caption |
 | `gt/...`, `annotations.json` | written only when the rows carry ground truth (`masks` / `instances` columns) |
+| `run.json` | what determines the predictions (model, answers, segmenter and options, prompts, data), for resuming |
 
 A region answer (`<rg>`) is the pixel-wise max (soft union) of its expressions' masks; no expression gives an
-all-zero map. Each `<ins>` expression becomes the instance mask(s) the segmenter returns for it (empty masks are
-dropped); its score follows `instance_score`: `"segmenter"` (the segmenter's confidence) or `"order"` (emission
-order: the k-th of n expressions scores (n - k) / n, so the model's first instance ranks first).
+all-zero map. Each `<ins>` expression becomes one instance: the segmenter's region mask for it, exactly as the `sis`
+training reward reads it (empty masks are dropped). An empty `<answer></answer>` says "nothing is salient": no
+instance, an all-zero map (see `cgpo_trl.saliency.rewards.read_answer`). The score of a detection follows
+`instance_score`: `"segmenter"` (the segmenter's confidence) or `"order"` (emission order: the k-th of n
+expressions scores (n - k) / n, so the model's first instance ranks first).
 
-Runs are resumable: a row whose record is already in `predictions.jsonl` is skipped, and a record is appended only
-after the row's files are written.
+Runs are resumable: a row whose record is already in `predictions.jsonl` is skipped, a record is appended only after
+the row's files are written, and every file is written to a temporary name and renamed, so a killed run leaves no
+half-written file. A run given a `fingerprint` (the CLI and the eval report always give one) refuses an output folder
+whose `run.json` records other settings, instead of mixing predictions of two models or datasets.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
-import re
+import os
 import textwrap
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,16 +46,19 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy.ndimage import binary_erosion
 
+from cgpo_trl.data.rows import check_name
 from cgpo_trl.saliency.metrics import encode_mask
 from cgpo_trl.saliency.prompts import TASKS, build_prompt
-from cgpo_trl.saliency.tags import parse_answer
+from cgpo_trl.saliency.rewards import read_answer
 
 INSTANCE_SCORES = ("segmenter", "order")
 TINY_MODEL = "tiny-random"  # the same offline stand-in the training recipes accept
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # Tints for overlays: region masks use the first, instances cycle through all.
 PALETTE = [(255, 40, 40), (40, 120, 255), (40, 200, 80), (255, 190, 0), (200, 60, 220), (0, 210, 210)]
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+"""Greyscale modes of 16-bit (and 32-bit integer) files; their values are scaled to 8 bits (/ 257), not clipped."""
+RUN_FILE = "run.json"
 
 
 @dataclass
@@ -94,6 +105,10 @@ class PredictConfig:
             except json.JSONDecodeError as err:
                 raise ValueError(f"segmenter_kwargs is not valid JSON: {self.segmenter_kwargs!r} ({err})") from None
         self.segmenter_kwargs = dict(self.segmenter_kwargs or {})
+
+    def generation(self) -> dict[str, Any]:
+        """The generation options that determine an answer (and key a resumed run); the device does not."""
+        return dict(dtype=self.dtype, max_new_tokens=self.max_new_tokens, temperature=self.temperature)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -146,20 +161,14 @@ def row_prompt(row: dict) -> list[dict]:
 # Rows, names and inputs
 
 
-def safe_name(name: str) -> str:
-    """A file-system-safe stem (benchmark names already are; free text from rows may not be)."""
-    cleaned = _UNSAFE.sub("_", str(name)).strip("._")
-    if not cleaned:
-        raise ValueError(f"cannot make a file name from {name!r}")
-    return cleaned
-
-
 def row_key(row: dict, index: int) -> str:
-    """Stable identity of a row for resuming: its group (CoSOD), else its image name, else its index."""
-    if row["task"] == "cosod":
-        return safe_name(row.get("group") or f"group{index:05d}")
+    """Stable identity of a row for resuming: `<group>/<first image>` (CoSOD; a large group can span several rows),
+    else its image name, else its index. Names are kept as they are; one that is not a valid file name is an error."""
     names = row.get("names") or ([row["name"]] if row.get("name") else None)
-    return safe_name(names[0]) if names else f"{index:06d}"
+    if row["task"] == "cosod":
+        first = check_name(names[0], f"row {index} image name") if names else "000"
+        return f"{check_name(row.get('group') or f'group{index:05d}', f'row {index} group')}/{first}"
+    return check_name(names[0], f"row {index} image name") if names else f"{index:06d}"
 
 
 def image_names(row: dict, index: int) -> list[str]:
@@ -168,33 +177,61 @@ def image_names(row: dict, index: int) -> list[str]:
     if names is not None and len(names) != len(row["images"]):
         raise ValueError(f"row {index}: {len(names)} names for {len(row['images'])} images")
     if row["task"] == "cosod":
-        stems = [safe_name(n) for n in names] if names else [f"{j:03d}" for j in range(len(row["images"]))]
-        return [f"{row_key(row, index)}/{s}" for s in stems]
+        group = row_key(row, index).rsplit("/", 1)[0]
+        stems = [check_name(n, f"row {index} image name") for n in names] if names else None
+        return [f"{group}/{s}" for s in stems or (f"{j:03d}" for j in range(len(row["images"])))]
     return [row_key(row, index)]
+
+
+def _eight_bit(image: Image.Image, path: Path) -> Image.Image | None:
+    """An 8-bit copy of a 16-bit (or 32-bit integer) greyscale image, None for images PIL converts to RGB
+    correctly. Converting "I;16" to "RGB" directly clips every value above 255 to white."""
+    if image.mode == "F":
+        raise ValueError(f"image {path} holds floating-point pixels (mode 'F'); save it as an 8- or 16-bit image")
+    if image.mode not in HIGH_BIT_DEPTH_MODES:
+        return None
+    values = np.asarray(image, dtype=np.int64)
+    if values.min() < 0 or values.max() > 65535:
+        raise ValueError(f"image {path} holds values outside 0-65535 (mode {image.mode!r}); save it as 8 or 16 bits")
+    return Image.fromarray(np.rint(values / 257).astype(np.uint8), mode="L")
 
 
 def rows_from_folder(folder: str | Path, task: str):
     """A `datasets.Dataset` of rows (task, images, names, group) for a folder of images, decoded lazily per row.
 
-    SOD / SIS take every image file in `folder`; CoSOD one sub-folder per group. Every file's header is checked
-    here, so an unreadable image fails before any generation, naming the file.
+    SOD / SIS take every image file in `folder`; CoSOD one sub-folder per group. Every file is decoded once here,
+    so an unreadable or truncated image fails before any generation, naming the file. 16-bit greyscale images are
+    kept as 8-bit copies (their values / 257); every name is kept as on disk.
     """
-    from datasets import Dataset, Features, List, Value
+    import pyarrow as pa
+    from datasets import Dataset, DatasetInfo, Features, List, Value
     from datasets import Image as ImageFeature
+    from datasets.table import InMemoryTable
 
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"images folder not found: {folder}")
 
-    def images_in(directory: Path) -> list[str]:
-        paths = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        for path in paths:
-            try:
-                with Image.open(path) as image:
-                    image.verify()
-            except Exception as err:  # PIL raises many types for corrupt files
-                raise ValueError(f"cannot read image {path}: {err}") from None
-        return [str(p) for p in paths]
+    def entry(path: Path) -> dict:
+        try:
+            image = Image.open(path)
+            image.load()
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # unreadable, truncated
+            raise ValueError(f"cannot read image {path}: {err}") from None
+        with image:
+            converted = _eight_bit(image, path)
+        if converted is None:
+            return {"bytes": None, "path": str(path)}
+        buffer = io.BytesIO()
+        converted.save(buffer, format="PNG")
+        return {"bytes": buffer.getvalue(), "path": str(path)}
+
+    def images_in(directory: Path) -> list[Path]:
+        return sorted(
+            p
+            for p in directory.iterdir()
+            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+        )
 
     if task == "cosod":
         groups = [(g.name, images_in(g)) for g in sorted(p for p in folder.iterdir() if p.is_dir())]
@@ -215,10 +252,134 @@ def rows_from_folder(folder: str | Path, task: str):
     columns = {
         "task": [task] * len(groups),
         "group": [name for name, _ in groups],
-        "images": [paths for _, paths in groups],
-        "names": [[Path(p).stem for p in paths] for _, paths in groups],
+        "images": [[entry(p) for p in paths] for _, paths in groups],
+        "names": [[p.stem for p in paths] for _, paths in groups],
     }
-    return Dataset.from_dict(columns, features=features)
+    # Built from Arrow directly: `Dataset.from_dict` drops the bytes of an entry whose path exists.
+    table = pa.Table.from_pydict(columns, schema=features.arrow_schema)
+    return Dataset(InMemoryTable(table), info=DatasetInfo(features=features))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# What determines a prediction (resume keys)
+
+
+class ResumeError(ValueError):
+    """An output folder holds predictions made with other settings; the message names what differs."""
+
+
+def _digest(value: Any) -> str:
+    """Content digest of rows' columns: images by their pixels or, for files, path + size + modification time."""
+    digest = hashlib.blake2b(digest_size=16)
+
+    def feed(item: Any) -> None:
+        if isinstance(item, Image.Image):
+            digest.update(f"<image {item.mode} {item.size}>".encode())
+            digest.update(item.tobytes())
+        elif isinstance(item, Mapping) and set(item) == {"bytes", "path"}:
+            if item["bytes"] is not None:
+                digest.update(item["bytes"])
+            else:
+                stat = os.stat(item["path"])
+                digest.update(f"<file {item['path']} {stat.st_size} {stat.st_mtime_ns}>".encode())
+        elif isinstance(item, Mapping):
+            digest.update(b"{")
+            for key in sorted(item, key=str):
+                feed(key)
+                feed(item[key])
+            digest.update(b"}")
+        elif isinstance(item, (list, tuple)):
+            digest.update(b"[")
+            for element in item:
+                feed(element)
+            digest.update(b"]")
+        elif isinstance(item, np.ndarray):
+            digest.update(f"<array {item.dtype} {item.shape}>".encode() + item.tobytes())
+        else:
+            digest.update(repr(item).encode())
+
+    feed(value)
+    return digest.hexdigest()
+
+
+def _columns(rows) -> dict[str, list]:
+    from datasets import Dataset, List
+    from datasets import Image as ImageFeature
+
+    if isinstance(rows, Dataset):
+        for column in ("images", "masks"):
+            if column in rows.column_names:
+                rows = rows.cast_column(column, List(ImageFeature(decode=False)))
+        return rows.to_dict()
+    keys = dict.fromkeys(key for row in rows for key in row)
+    return {key: [row.get(key) for row in rows] for key in keys}
+
+
+def _model_files(name_or_path: str) -> list | None:
+    """Name, size and modification time of a local checkpoint's files: retraining into the same folder changes them."""
+    folder = Path(name_or_path)
+    if not folder.is_dir():
+        return None
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(folder.iterdir()) if p.is_file()]
+
+
+def run_fingerprint(
+    rows,
+    *,
+    answers: str,
+    model: str | None,
+    generation: Mapping[str, Any],
+    segmenter: str,
+    segmenter_kwargs: Mapping[str, Any],
+    instance_score: str,
+) -> dict[str, Any]:
+    """Everything that determines the predictions of a run, as stored in `run.json` and compared on resume."""
+    columns = _columns(rows)
+    prompts = columns.get("prompt") or [
+        build_prompt(task, len(images)) for task, images in zip(columns["task"], columns["images"])
+    ]
+    data = {k: v for k, v in columns.items() if k not in ("prompt", "solution")}
+    by_model = answers == "model"
+    return json.loads(
+        json.dumps(
+            {
+                "answers": answers,
+                "model": model if by_model else None,
+                "model_files": _model_files(model) if by_model and model else None,
+                "generation": dict(generation) if by_model else None,
+                "reference_answers": None if by_model else _digest(columns.get("solution")),
+                "segmenter": segmenter,
+                "segmenter_kwargs": dict(segmenter_kwargs),
+                "instance_score": instance_score,
+                "prompts": _digest(prompts),
+                "data": _digest(data),
+            },
+            default=str,
+        )
+    )
+
+
+def check_resume(output_dir: str | Path, fingerprint: Mapping[str, Any]) -> None:
+    """Raise `ResumeError` if `output_dir` holds predictions made with settings other than `fingerprint`."""
+    out = Path(output_dir)
+    stored_path, records = out / RUN_FILE, out / "predictions.jsonl"
+    if stored_path.is_file():
+        try:
+            stored = json.loads(stored_path.read_text())
+        except json.JSONDecodeError as err:
+            raise ResumeError(f"{stored_path} is not valid JSON ({err}); delete {out} to predict afresh") from None
+        differ = sorted(k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k))
+        if differ:
+            shown = "; ".join(f"{k}: {stored.get(k)!r} -> {fingerprint.get(k)!r}" for k in differ)
+            raise ResumeError(
+                f"{out} holds predictions made with other settings ({shown}); delete it or choose another "
+                "output_dir: predictions of two runs are never mixed"
+            )
+    elif records.is_file() and records.stat().st_size:
+        raise ResumeError(
+            f"{out} holds predictions of a run that did not record its settings ({RUN_FILE} is missing), so they "
+            "cannot be resumed safely; delete it or choose another output_dir"
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -253,10 +414,24 @@ def overlay(image: Image.Image, masks: Sequence[np.ndarray], caption: str, min_s
     return out
 
 
-def _save_png(array_or_image, path: Path) -> None:
+def _replace(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file and rename it: a killed run leaves the old file or the new one, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _save_png(array_or_image, path: Path) -> None:
     image = array_or_image if isinstance(array_or_image, Image.Image) else Image.fromarray(array_or_image)
-    image.save(path)
+    _replace(path, lambda temporary: image.save(temporary, format="PNG"))
+
+
+def _save_json(value: Any, path: Path) -> None:
+    _replace(path, lambda temporary: temporary.write_text(json.dumps(value)))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -354,34 +529,27 @@ def _coco_ground_truth(entries: list[tuple[dict, list[dict]]]) -> dict:
 
 
 def _segment_batch(segmenter, rows: list[dict], parsed: list, instance_score: str) -> list[dict]:
-    """Masks for every row of a batch with one segmenter call per mode."""
-    region_pairs, instance_pairs = [], []  # (row, image, expression index)
+    """Masks for every row of a batch with one segmenter call. Every expression is segmented in region mode: a
+    `<rg>` mask joins its row's map, a `<ins>` mask is one instance, as the training rewards score them."""
+    pairs = []  # (row, image, expression index)
     for r, (row, answer) in enumerate(zip(rows, parsed)):
         if row["task"] == "sis":
-            instance_pairs += [(r, 0, k) for k in range(len(answer.instances))]
+            pairs += [(r, 0, k) for k in range(len(answer.instances))]
         else:
-            region_pairs += [(r, i, k) for i in range(len(row["images"])) for k in range(len(answer.regions))]
-    region_out = segmenter.segment(
-        [rows[r]["images"][i] for r, i, _ in region_pairs], [parsed[r].regions[k] for r, _, k in region_pairs]
-    )
-    instance_out = segmenter.segment(
-        [rows[r]["images"][0] for r, _, _ in instance_pairs],
-        [parsed[r].instances[k] for r, _, k in instance_pairs],
-        mode="instance",
-    )
+            pairs += [(r, i, k) for i in range(len(row["images"])) for k in range(len(answer.regions))]
+    expressions = [(parsed[r].instances if rows[r]["task"] == "sis" else parsed[r].regions)[k] for r, _, k in pairs]
+    outputs = segmenter.segment([rows[r]["images"][i] for r, i, _ in pairs], expressions)
     results = []
     for row in rows:
         if row["task"] == "sis":
             results.append({"instances": []})
         else:
             results.append({"maps": [np.zeros((im.height, im.width), np.float32) for im in row["images"]]})
-    for (r, i, _), (mask, _score) in zip(region_pairs, region_out):
-        np.maximum(results[r]["maps"][i], mask, out=results[r]["maps"][i])
-    for (r, _, k), found in zip(instance_pairs, instance_out):
-        n = len(parsed[r].instances)
-        for mask, score in found:
-            if not (mask >= 0.5).any():
-                continue
+    for (r, i, k), (mask, score) in zip(pairs, outputs):
+        if rows[r]["task"] != "sis":
+            np.maximum(results[r]["maps"][i], mask, out=results[r]["maps"][i])
+        elif (mask >= 0.5).any():
+            n = len(parsed[r].instances)
             value = float(score) if instance_score == "segmenter" else (n - k) / n
             results[r]["instances"].append((mask, value, k))
     return results
@@ -397,16 +565,22 @@ def predict_rows(
     overlays: bool = True,
     write_ground_truth: bool = True,
     progress: bool = True,
+    fingerprint: Mapping[str, Any] | None = None,
 ) -> PredictionSummary:
     """Run generation + segmentation over `rows` (data-contract dicts or a `datasets.Dataset`) into `output_dir`.
 
-    `generate(batch_of_rows) -> texts` is any callable (a `VLMGenerator`, or a stub in tests).
+    `generate(batch_of_rows) -> texts` is any callable (a `VLMGenerator`, or a stub in tests). With `fingerprint`
+    (see `run_fingerprint`), a folder holding predictions made with other settings is refused (`ResumeError`).
     """
     from tqdm.auto import tqdm
 
     if instance_score not in INSTANCE_SCORES:
         raise ValueError(f"instance_score must be one of {INSTANCE_SCORES}, got {instance_score!r}")
     out = Path(output_dir)
+    if fingerprint is not None:
+        check_resume(out, fingerprint)
+        if not (out / RUN_FILE).is_file():
+            _save_json(dict(fingerprint), out / RUN_FILE)
     out.mkdir(parents=True, exist_ok=True)
     records_path = out / "predictions.jsonl"
     done = _read_records(records_path)
@@ -436,7 +610,7 @@ def predict_rows(
             indices = pending[start : start + batch_size]
             batch = [rows[i] for i in indices]
             texts = generate(batch)
-            parsed = [parse_answer(text, task=row["task"]) for text, row in zip(texts, batch)]
+            parsed = [read_answer(text, row["task"]) for text, row in zip(texts, batch)]
             segmented = _segment_batch(segmenter, batch, parsed, instance_score)
             for index, row, text, answer, seg in zip(indices, batch, texts, parsed, segmented):
                 names = image_names(row, index)
@@ -483,9 +657,9 @@ def predict_rows(
         for d in r["detections"]
     ]
     if any(done[key]["task"] == "sis" for key in keys):
-        (out / "results.json").write_text(json.dumps(detections))
+        _save_json(detections, out / "results.json")
     if coco_entries:
-        (out / "annotations.json").write_text(json.dumps(_coco_ground_truth(coco_entries)))
+        _save_json(_coco_ground_truth(coco_entries), out / "annotations.json")
     return PredictionSummary(
         output_dir=out,
         num_rows=len(rows),
@@ -497,25 +671,30 @@ def predict_rows(
 
 
 def run_predict(config: PredictConfig, rows: Sequence[dict] | None = None, generate=None, segmenter=None):
-    """Load what `config` names (model, segmenter, folder of images) unless given, then `predict_rows`."""
+    """Load what `config` names (folder of images, segmenter, model: in that order, so that bad input fails before
+    the model loads) unless given, then `predict_rows`."""
     from cgpo_trl.saliency.segmenters import load_segmenter
 
     if rows is None:
         if config.images is None:
             raise ValueError("give --images DIR (or rows from a dataset)")
         rows = rows_from_folder(config.images, config.task)
-    if generate is None:
-        if config.model_name_or_path is None:
-            raise ValueError("give --model_name_or_path")
-        generate = VLMGenerator.from_pretrained(
-            config.model_name_or_path,
-            dtype=config.dtype,
-            device=config.device,
-            max_new_tokens=config.max_new_tokens,
-            temperature=config.temperature,
-        )
+    if generate is None and config.model_name_or_path is None:
+        raise ValueError("give --model_name_or_path")
+    fingerprint = run_fingerprint(
+        rows,
+        answers="model",
+        model=config.model_name_or_path,
+        generation=config.generation(),
+        segmenter=config.segmenter if segmenter is None else segmenter.name,
+        segmenter_kwargs=config.segmenter_kwargs if segmenter is None else {},
+        instance_score=config.instance_score,
+    )
+    check_resume(config.output_dir, fingerprint)
     if segmenter is None:
         segmenter = load_segmenter(config.segmenter, **config.segmenter_kwargs)
+    if generate is None:
+        generate = VLMGenerator.from_pretrained(config.model_name_or_path, device=config.device, **config.generation())
     return predict_rows(
         rows,
         generate,
@@ -526,6 +705,7 @@ def run_predict(config: PredictConfig, rows: Sequence[dict] | None = None, gener
         overlays=config.overlays,
         write_ground_truth=config.write_ground_truth,
         progress=config.progress,
+        fingerprint=fingerprint,
     )
 
 

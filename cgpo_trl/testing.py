@@ -130,32 +130,43 @@ def build_tiny_vlm(
     vision_depth: int = 2,
     vocab_size: int = 512,
     image_size: int = 56,
+    text_config: dict | None = None,
+    vision_config: dict | None = None,
 ) -> tuple[Qwen2_5_VLForConditionalGeneration, ImageOnlyQwen2_5_VLProcessor]:
-    """A random Qwen2.5-VL (defaults: 0.66 M parameters, the size the CPU demo was measured with)."""
+    """A random Qwen2.5-VL (defaults: 0.66 M parameters, the size the CPU demo was measured with).
+
+    `text_config` / `vision_config` override the derived config fields, e.g. `{"vocab_size": 151936}` for an LM head
+    of Qwen2.5-VL's size over the small tokenizer (ids it cannot decode are skipped when decoding).
+    """
     processor = build_tiny_processor(vocab_size, image_size)
     tokenizer = processor.tokenizer
     heads = max(hidden_size // 32, 2)
-    head_dim = hidden_size // heads
+    text = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden_size,
+        "intermediate_size": hidden_size * 2,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": max(heads // 2, 1),
+        "max_position_embeddings": 1024,
+        "tie_word_embeddings": True,
+        "bos_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        **(text_config or {}),
+    }
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
     quarter = head_dim // 4
-    config = Qwen2_5_VLConfig(
-        text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": hidden_size,
-            "intermediate_size": hidden_size * 2,
-            "num_hidden_layers": num_layers,
-            "num_attention_heads": heads,
-            "num_key_value_heads": max(heads // 2, 1),
-            "max_position_embeddings": 1024,
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": 10000.0,
-                "mrope_section": [head_dim // 2 - 2 * quarter, quarter, quarter],
-            },
-            "tie_word_embeddings": True,
-            "bos_token_id": tokenizer.pad_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
+    text.setdefault(
+        "rope_parameters",
+        {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [head_dim // 2 - 2 * quarter, quarter, quarter],
         },
+    )
+    config = Qwen2_5_VLConfig(
+        text_config=text,
         vision_config={
             "depth": vision_depth,
             "hidden_size": vision_hidden_size,
@@ -167,6 +178,7 @@ def build_tiny_vlm(
             "temporal_patch_size": 2,
             "window_size": 112,
             "fullatt_block_indexes": list(range(vision_depth)),
+            **(vision_config or {}),
         },
         tie_word_embeddings=True,
         **_token_ids(tokenizer),
@@ -178,11 +190,16 @@ def build_tiny_vlm(
 
 
 def build_tiny_lm(
-    seed: int = 0, hidden_size: int = 64, num_layers: int = 2, vocab_size: int = 512
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    vocab_size: int = 512,
+    config_overrides: dict | None = None,
 ) -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerFast]:
-    """A random Qwen2 text LM with the same tokenizer."""
+    """A random Qwen2 text LM with the same tokenizer; `config_overrides` replace `Qwen2Config` fields (e.g. a
+    Qwen2.5-0.5B shape with `{"vocab_size": 151936}`: the LM head's size, whatever the small tokenizer holds)."""
     tokenizer = build_tokenizer(vocab_size)
-    config = Qwen2Config(
+    fields = dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=hidden_size * 2,
@@ -195,6 +212,7 @@ def build_tiny_lm(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    config = Qwen2Config(**{**fields, **(config_overrides or {})})
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
     _set_generation_ids(model, tokenizer)

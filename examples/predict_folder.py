@@ -6,11 +6,13 @@
         --output_dir outputs/photos --task sis --segmenter evf-sam \
         --segmenter_kwargs '{"checkpoint": "YxZhang/evf-sam-multitask", "device": "cuda"}' --device cuda
 
-`--images` holds one image per file (SOD, SIS) or one sub-folder per group of images (CoSOD). The output folder
-gets `masks/` (grey-level saliency maps, the layout `python -m cgpo_trl.eval` reads), `overlays/` (each image with
-its mask tinted and the model's expressions as a caption), `predictions.jsonl` (the generated answers) and, for
-SIS, `results.json` (COCO instance results). Use the instruction style the checkpoint was trained with: `short`
-for the CPU demo's models, `full` (default) for the Qwen2.5-VL recipes.
+`--images` holds one image per file (SOD, SIS) or one sub-folder per group of images (CoSOD); file and group names
+are kept as they are (spaces included). The output folder gets `masks/` (grey-level saliency maps, the layout
+`python -m cgpo_trl.eval` reads), `overlays/` (each image with its mask tinted and the model's expressions as a
+caption), `predictions.jsonl` (the generated answers) and, for SIS, `results.json` (COCO instance results). Rerunning
+into the same folder resumes; a folder holding predictions made with another model, segmenter or instruction is
+refused. Use the instruction style the checkpoint was trained with: `short` for the CPU demo's models, `full`
+(default) for the Qwen2.5-VL recipes.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import json
 from pathlib import Path
 
 from cgpo_trl.pipeline import INSTRUCTION_STYLES, task_prompt
-from cgpo_trl.predict import VLMGenerator, predict_rows, rows_from_folder
+from cgpo_trl.predict import VLMGenerator, check_resume, predict_rows, rows_from_folder, run_fingerprint
 from cgpo_trl.saliency.prompts import TASKS
 from cgpo_trl.saliency.segmenters import list_segmenters, load_segmenter
 
@@ -48,11 +50,22 @@ def main(argv: list[str] | None = None):
         lambda row: {"prompt": task_prompt(row["task"], len(row["names"]), args.instruction)},
         desc="prompts",
     )
-    generate = VLMGenerator.from_pretrained(
-        args.model_name_or_path, dtype=args.dtype, device=args.device, max_new_tokens=args.max_new_tokens
+    generation = {"dtype": args.dtype, "max_new_tokens": args.max_new_tokens}
+    fingerprint = run_fingerprint(
+        rows,
+        answers="model",
+        model=args.model_name_or_path,
+        generation=generation,
+        segmenter=args.segmenter,
+        segmenter_kwargs=args.segmenter_kwargs,
+        instance_score="segmenter",
     )
+    check_resume(args.output_dir, fingerprint)  # before anything loads
     segmenter = load_segmenter(args.segmenter, **args.segmenter_kwargs)
-    summary = predict_rows(rows, generate, segmenter, args.output_dir, batch_size=args.batch_size)
+    generate = VLMGenerator.from_pretrained(args.model_name_or_path, device=args.device, **generation)
+    summary = predict_rows(
+        rows, generate, segmenter, args.output_dir, batch_size=args.batch_size, fingerprint=fingerprint
+    )
     print(
         f"{summary.num_predicted} rows predicted ({summary.num_well_formed}/{summary.num_rows} well-formed answers): "
         f"masks in {summary.masks_dir}, overlays in {args.output_dir / 'overlays'}"

@@ -1,19 +1,22 @@
 """`make demo`: the whole Saliency-R1 pipeline on the embedded synthetic benchmark, offline, on a CPU.
 
-    python recipes/demo.py --out outputs/demo                  # ~20 minutes on 2 cores
+    python recipes/demo.py --out outputs/demo                  # ~15 minutes on 2 cores
     python recipes/demo.py --out /tmp/demo --quick             # a few steps of everything (tests)
 
 1. build the tiny Qwen2.5-VL (random init, 0.66 M parameters; `model_name_or_path: tiny-random`);
 2. SFT on synthetic reference answers with `recipes/saliency/demo_cpu_sft.yaml` (stops after `--sft_minutes`);
-3. CGPO from the SFT checkpoint with `recipes/saliency/demo_cpu.yaml` (`--rl_steps` steps; `--trainer grpo`
-   swaps in the GRPO baseline);
-4. evaluate the untrained, SFT and CGPO models on a held-out synthetic split (`validation`, its own random stream)
-   with greedy decoding, the `shapes` segmenter and the standard metrics;
-5. write `OUT/results.json` and `OUT/results.md` (per stage: `reward`, `Sm`, `MAE`, `sis_AP`, `cosod_Sm`),
-   `OUT/curves.png` (SFT loss; CGPO reward, confidence and advantage) and `OUT/overlays.png`.
+3. CGPO from the SFT checkpoint with `recipes/saliency/demo_cpu.yaml` (`--rl_steps` steps);
+4. GRPO (`--grpo_generations` per prompt) from the same SFT checkpoint with the same YAML and the same number of
+   generated completions (same steps, same completions per step, so fewer prompts per step);
+5. evaluate every stage on a held-out synthetic split (`validation`, its own random stream) with greedy decoding,
+   the `shapes` segmenter and the standard metrics, each with its standard error;
+6. write `OUT/results.json` (per stage and metric: `<metric>`, `<metric>_se` and `<metric>_n`, the rows the
+   standard error is taken over), `OUT/results.md` (the table, and each stage against the one it started from with
+   the paired standard error of the difference), `OUT/curves.png` (SFT loss; RL reward and the collapse
+   diagnostics) and `OUT/overlays.png` (the held-out SOD images CGPO fixed the most).
 
-The two stages run the same code as `recipes/sft_saliency.py` / `recipes/cgpo_saliency.py`, from the same YAML
-files; the options below only override a few of their fields.
+The stages run the same code as `recipes/sft_saliency.py` / `recipes/cgpo_saliency.py`, from the same YAML files;
+the options below only override a few of their fields.
 """
 
 from __future__ import annotations
@@ -26,11 +29,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import TrainerCallback
 
 RECIPES = Path(__file__).resolve().parent / "saliency"
 RESULT_KEYS = ("reward", "Sm", "MAE", "sis_AP", "cosod_Sm")
+LOWER_IS_BETTER = ("MAE",)
+DIAGNOSTICS = ("saliency/distinct_expressions", "saliency/colour_entropy", "saliency/shape_entropy")
+AP_REPLICATES = 200
 
 
 class TimeLimit(TrainerCallback):
@@ -58,11 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder")
     parser.add_argument("--sft_config", type=Path, default=RECIPES / "demo_cpu_sft.yaml")
     parser.add_argument("--rl_config", type=Path, default=RECIPES / "demo_cpu.yaml")
-    parser.add_argument("--sft_minutes", type=float, default=9.0, help="SFT wall-time budget")
+    parser.add_argument("--sft_minutes", type=float, default=7.0, help="SFT wall-time budget")
     parser.add_argument("--sft_steps", type=int, default=None, help="SFT step cap (default: the YAML's max_steps)")
     parser.add_argument("--rl_steps", type=int, default=None, help="RL steps (default: the YAML's max_steps)")
-    parser.add_argument("--rl_minutes", type=float, default=4.0, help="RL wall-time budget")
-    parser.add_argument("--trainer", choices=("cgpo", "grpo"), default="cgpo", help="stage-2 trainer")
+    parser.add_argument(
+        "--rl_minutes", type=float, default=6.0, help="wall-time cap of each RL run (a safety net: runs stop by steps)"
+    )
+    parser.add_argument(
+        "--grpo_generations", type=int, default=4, help="GRPO group size for the comparison row (0: no GRPO row)"
+    )
     parser.add_argument("--eval_samples", type=int, default=300, help="held-out rows per task (CoSOD: groups)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a few steps and a small eval: checks the plumbing")
@@ -92,48 +103,154 @@ def eval_rows(script_args, num_samples: int):
     return per_task
 
 
+# ---------------------------------------------------------------------------------------------- statistics
+def mean_se(values, clusters=None) -> tuple[float, float]:
+    """Mean and its standard error; with `clusters` (one label per value, e.g. the CoSOD group of each image) the
+    cluster-robust standard error of the pooled mean, since images of one group are not independent."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return math.nan, math.nan
+    mean = float(values.mean())
+    if clusters is None:
+        return mean, float(values.std(ddof=1) / math.sqrt(values.size)) if values.size > 1 else math.nan
+    labels = sorted(set(clusters))
+    if len(labels) < 2:
+        return mean, math.nan
+    index = {label: k for k, label in enumerate(labels)}
+    residual = np.zeros(len(labels))
+    np.add.at(residual, [index[c] for c in clusters], values - mean)
+    g = len(labels)
+    return mean, float(math.sqrt(g / (g - 1) * np.sum(residual**2)) / values.size)
+
+
+def ap_replicates(results_json: Path, annotations_json: Path, replicates: int, seed: int) -> tuple[float, np.ndarray]:
+    """COCO mask AP (area all, 100 detections, IoU .50:.95) and its value on `replicates` bootstrap resamples of the
+    images. pycocotools matches each image once (`evaluate`); a resample then only re-runs `accumulate` over the
+    resampled per-image matches. Resamples depend on `seed` and the image count alone, so two stages evaluated on
+    the same images share them (a paired bootstrap)."""
+    import contextlib
+    import io
+
+    from pycocotools import mask as mask_utils
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt = json.loads(Path(annotations_json).read_text())
+    detections = json.loads(Path(results_json).read_text())
+    if not detections:
+        return 0.0, np.zeros(replicates)
+    category = gt["categories"][0]["id"]
+    for annotation in gt["annotations"]:
+        annotation.setdefault("iscrowd", 0)
+        annotation.setdefault("area", float(mask_utils.area(annotation["segmentation"])))
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = gt
+        coco_gt.createIndex()
+        coco_dt = coco_gt.loadRes([{**d, "category_id": category} for d in detections])
+        evaluator = COCOeval(coco_gt, coco_dt, iouType="segm")
+        evaluator.evaluate()
+    per_image = evaluator.evalImgs  # [category][area range][image], flattened
+    num_images, num_areas = len(evaluator.params.imgIds), len(evaluator.params.areaRng)
+    all_area = evaluator.params.areaRngLbl.index("all")
+
+    def ap(order) -> float:
+        evaluator.evalImgs = [per_image[a * num_images + i] for a in range(num_areas) for i in order]
+        evaluator.params.imgIds = evaluator._paramsEval.imgIds = list(range(len(order)))
+        with contextlib.redirect_stdout(io.StringIO()):
+            evaluator.accumulate()
+        precision = evaluator.eval["precision"][:, :, :, all_area, -1]
+        valid = precision[precision > -1]
+        return float(valid.mean()) if valid.size else 0.0
+
+    value = ap(np.arange(num_images))
+    rng = np.random.default_rng(seed)
+    return value, np.array([ap(rng.integers(0, num_images, num_images)) for _ in range(replicates)])
+
+
 def evaluate_stage(name, model, processor, rows_by_task, reward_funcs, weights, out: Path, max_new_tokens, progress):
-    """Greedy answers -> masks (shapes segmenter) -> metrics; `reward` is the weighted training reward."""
+    """Greedy answers -> masks (shapes segmenter) -> metrics with standard errors.
+
+    Returns (metrics, samples): `metrics[key]`, `metrics[key + "_se"]` and `metrics[key + "_n"]` (the rows the
+    standard error is over) for `RESULT_KEYS` and the well-formed rate per task; `samples[key]` the per-row values
+    (keyed by row) or, for `sis_AP`, the bootstrap replicates, which `compare` pairs across stages.
+    """
     from cgpo_trl.predict import VLMGenerator, predict_rows
-    from cgpo_trl.saliency.metrics import evaluate_cosod, evaluate_sis, evaluate_sod
+    from cgpo_trl.saliency.metrics import match_files, score_files
 
     segmenter = next(f.segmenter for f in reward_funcs if hasattr(f, "segmenter"))
     generate = VLMGenerator(model, processor, max_new_tokens=max_new_tokens)
     metrics: dict[str, float] = {}
-    rewards, texts_by_task = [], {}
+    samples: dict[str, dict | np.ndarray] = {"reward": {}}
     for task, rows in rows_by_task.items():
         folder = out / "eval" / name / task
         summary = predict_rows(rows, generate, segmenter, folder, batch_size=32, progress=progress)
         records = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
         texts = [r["text"] for r in records]
-        texts_by_task[task] = texts
-        metrics[f"{task}_well_formed"] = summary.num_well_formed / max(summary.num_rows, 1)
-        if task == "sod":
-            result = evaluate_sod(summary.masks_dir, summary.gt_dir, workers=1, progress=False).metrics
-            metrics["Sm"], metrics["MAE"] = result["Sm"], result["MAE"]
-        elif task == "cosod":
-            result = evaluate_cosod(summary.masks_dir, summary.gt_dir, workers=1, progress=False).metrics
-            metrics["cosod_Sm"] = result["Sm"]
+        well_formed = [float(not r["problems"]) for r in records]
+        metrics[f"{task}_well_formed"], metrics[f"{task}_well_formed_se"] = mean_se(well_formed)
+        metrics[f"{task}_well_formed_n"] = len(records)
+        if task in ("sod", "cosod"):
+            matched = match_files(summary.masks_dir, summary.gt_dir, grouped=task == "cosod")
+            scores = score_files(matched.pairs, "linear" if task == "sod" else "cubic", workers=1, progress=False)
+            keys = sorted(scores)
+            groups = [k.split("/", 1)[0] for k in keys] if task == "cosod" else None
+            columns = {"Sm": "sm", "MAE": "mae"} if task == "sod" else {"cosod_Sm": "sm"}
+            for key, field in columns.items():
+                values = [getattr(scores[k], field) for k in keys]
+                metrics[key], metrics[f"{key}_se"] = mean_se(values, groups)
+                metrics[f"{key}_n"] = len(set(groups)) if groups else len(values)
+                samples[key] = dict(zip(keys, values))
+            if task == "cosod":
+                samples["cosod_Sm_groups"] = dict(zip(keys, groups))
         else:
-            metrics["sis_AP"] = evaluate_sis(summary.results_json, summary.annotations_json)["AP"]
+            value, replicates = ap_replicates(summary.results_json, summary.annotations_json, AP_REPLICATES, 0)
+            metrics["sis_AP"], metrics["sis_AP_se"], metrics["sis_AP_n"] = (
+                value,
+                float(replicates.std(ddof=1)),
+                len(rows),
+            )
+            samples["sis_AP"] = replicates
         columns = {key: rows[key] for key in ("images", "task", "masks", "instances")}
         per_func = [f(prompts=rows["prompt"], completions=texts, **columns) for f in reward_funcs]
-        for values in zip(*per_func):
+        for i, values in enumerate(zip(*per_func)):
             pairs = [(w, v) for w, v in zip(weights, values) if v is not None]
-            rewards.append(sum(w * v for w, v in pairs) / sum(w for w, _ in pairs) if pairs else 0.0)
-    metrics["reward"] = sum(rewards) / max(len(rewards), 1)
+            reward = sum(w * v for w, v in pairs) / sum(w for w, _ in pairs) if pairs else 0.0
+            samples["reward"][f"{task}:{i}"] = reward
+    metrics["reward"], metrics["reward_se"] = mean_se(list(samples["reward"].values()))
+    metrics["reward_n"] = len(samples["reward"])
     for key in RESULT_KEYS:
-        metrics.setdefault(key, math.nan)
-    return metrics
+        for suffix in ("", "_se"):
+            metrics.setdefault(key + suffix, math.nan)
+        metrics.setdefault(key + "_n", 0)
+    return metrics, samples
 
 
-def plot_curves(sft_history: list[dict], rl_history: list[dict], path: Path, rl_name: str) -> None:
+def compare(after: dict, before: dict) -> dict[str, float]:
+    """Paired standard error of `after - before` per metric: over the same held-out rows (CoSOD: clustered by
+    group), and for `sis_AP` over the same bootstrap resamples."""
+    errors = {}
+    for key in RESULT_KEYS:
+        if key not in after or key not in before:
+            continue
+        if isinstance(after[key], np.ndarray):
+            errors[key] = float((after[key] - before[key]).std(ddof=1)) if after[key].size > 1 else math.nan
+            continue
+        keys = sorted(after[key])
+        groups = [after["cosod_Sm_groups"][k] for k in keys] if key == "cosod_Sm" else None
+        errors[key] = mean_se([after[key][k] - before[key][k] for k in keys], groups)[1]
+    return errors
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+def plot_curves(sft_history: list[dict], rl_histories: dict[str, list[dict]], path: Path) -> None:
+    """SFT loss; RL reward per generated completion; the collapse diagnostics of the RL runs."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_sft, ax_rl) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_sft, ax_rl, ax_diag) = plt.subplots(1, 3, figsize=(16, 4.2))
     steps = [h["step"] for h in sft_history if "loss" in h]
     ax_sft.plot(steps, [h["loss"] for h in sft_history if "loss" in h], label="loss")
     acc = [(h["step"], h["mean_token_accuracy"]) for h in sft_history if "mean_token_accuracy" in h and "loss" in h]
@@ -142,87 +259,117 @@ def plot_curves(sft_history: list[dict], rl_history: list[dict], path: Path, rl_
     ax_sft.set_title("SFT")
     ax_sft.set_xlabel("step")
     ax_sft.legend()
-    for key, label in (
-        ("reward", "reward"),
-        ("cgpo/confidence", "confidence"),
-        ("cgpo/advantage_mean", "advantage mean"),
-        ("cgpo/advantage_std", "advantage std"),
-    ):
-        points = [(h["step"], h[key]) for h in rl_history if key in h]
+    styles = {"diagnostics": ("-", "--", ":")}
+    for (name, (history, completions_per_step)), colour in zip(rl_histories.items(), ("C0", "C1", "C2")):
+        points = [(h["step"] * completions_per_step, h["reward"]) for h in history if "reward" in h]
         if points:
-            ax_rl.plot(*zip(*points), label=label)
-    ax_rl.set_title(rl_name)
-    ax_rl.set_xlabel("step")
-    ax_rl.legend()
+            ax_rl.plot(*zip(*points), color=colour, label=f"{name} reward (train, sampled)")
+        for key, style in zip(DIAGNOSTICS, styles["diagnostics"]):
+            points = [(h["step"] * completions_per_step, h[key]) for h in history if key in h]
+            if points:
+                ax_diag.plot(*zip(*points), color=colour, linestyle=style, label=f"{name} {key.split('/')[1]}")
+    ax_rl.set_title("RL from the SFT checkpoint")
+    ax_diag.set_title("collapse diagnostics (1 = diverse, 0 = collapsed)")
+    for ax in (ax_rl, ax_diag):
+        ax.set_xlabel("generated completions")
+        ax.legend(fontsize=8)
+    ax_diag.set_ylim(0, 1.05)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def overlay_grid(rows, stages: list[str], out: Path, path: Path, columns: int = 6) -> None:
-    """One row per stage (ground truth first) of SOD overlays on the same held-out images."""
-    import numpy as np
+def fixed_cases(after: dict[str, float], before: dict[str, float], margin: float = 0.1) -> tuple[list, list]:
+    """Held-out SOD images whose S-measure rose (fixed) or fell (broken) by more than `margin`, largest change first."""
+    changes = {k: after[k] - before[k] for k in after}
+    fixed = sorted((k for k, d in changes.items() if d > margin), key=lambda k: -changes[k])
+    broken = sorted((k for k, d in changes.items() if d < -margin), key=lambda k: changes[k])
+    return fixed, broken
+
+
+def overlay_grid(rows, names: list[str], stages: list[str], out: Path, path: Path, title: str) -> None:
+    """One row per stage (ground truth first) of SOD overlays on the held-out images called `names`."""
     from PIL import Image, ImageDraw, ImageFont
 
     from cgpo_trl.predict import image_names, overlay
 
-    count = min(columns, len(rows))
-    if count == 0:
+    index = {image_names(rows[i], i)[0]: i for i in range(len(rows))}
+    names = [n for n in names if n in index]
+    if not names:
         return
-    names = [image_names(rows[i], i)[0] for i in range(count)]
-    truth = [
-        overlay(rows[i]["images"][0], [np.asarray(rows[i]["masks"][0]) / 255.0], " | ".join(rows[i]["expressions"]))
-        for i in range(count)
-    ]
+    truth = []
+    for name in names:
+        row = rows[index[name]]
+        truth.append(overlay(row["images"][0], [np.asarray(row["masks"][0]) / 255.0], " | ".join(row["expressions"])))
     grid_rows = [("ground truth", truth)]
     for stage in stages:
         folder = out / "eval" / stage / "sod" / "overlays"
         grid_rows.append((stage, [Image.open(folder / f"{name}.png") for name in names]))
     width = max(t.width for _, tiles in grid_rows for t in tiles)
     height = max(t.height for _, tiles in grid_rows for t in tiles)
-    margin = 120
-    grid = Image.new("RGB", (margin + width * count, height * len(grid_rows)), "white")
+    margin, header = 120, 30
+    grid = Image.new("RGB", (margin + width * len(names), header + height * len(grid_rows)), "white")
     draw = ImageDraw.Draw(grid)
+    draw.text((6, 6), title, fill="black", font=ImageFont.load_default(size=16))
     for r, (label, tiles) in enumerate(grid_rows):
-        draw.text((6, r * height + height // 2), label, fill="black", font=ImageFont.load_default(size=16))
+        draw.text((6, header + r * height + height // 2), label, fill="black", font=ImageFont.load_default(size=16))
         for c, tile in enumerate(tiles):
-            grid.paste(tile, (margin + c * width, r * height))
+            grid.paste(tile, (margin + c * width, header + r * height))
     grid.save(path)
 
 
-def write_results(results: dict, out: Path, info: dict) -> None:
+def _cell(metrics: dict, key: str) -> str:
+    return f"{metrics[key]:.3f} ± {metrics[key + '_se']:.3f}"
+
+
+def write_results(results: dict, comparisons: dict, out: Path, info: dict) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    rows = {key: next(iter(results.values()))[f"{key}_n"] for key in RESULT_KEYS}
     lines = [
         "# Saliency-R1 CPU demo",
         "",
         f"Held-out synthetic `validation` split, {info['eval_samples']} rows per task, greedy decoding, `shapes` "
-        "segmenter. `reward` is the training reward (weighted format + saliency) of the greedy answers.",
+        "segmenter. `reward` is the training reward (weighted format + saliency) of the greedy answers. Each cell is "
+        "the value ± its standard error (rows: "
+        + ", ".join(f"{k} {n}" for k, n in rows.items())
+        + "; `sis_AP`: bootstrap over images; `cosod_Sm`: clustered by group).",
         "",
         "| stage | " + " | ".join(RESULT_KEYS) + " |",
         "|---|" + "---|" * len(RESULT_KEYS),
     ]
     for stage, metrics in results.items():
-        lines.append(f"| {stage} | " + " | ".join(f"{metrics[k]:.3f}" for k in RESULT_KEYS) + " |")
-    sft, rl = results.get("sft"), results.get(info["rl_key"])
-    if sft and rl:
-        deltas = ", ".join(f"{k} {rl[k] - sft[k]:+.3f}" for k in RESULT_KEYS)
-        better = rl["reward"] > sft["reward"]
-        lines += [
-            "",
-            f"{info['rl_name']} minus SFT: {deltas} (MAE: lower is better). "
-            + (
-                f"{info['rl_name']} raised the reward over SFT."
-                if better
-                else f"{info['rl_name']} did not raise the reward over SFT within this budget."
-            ),
-        ]
+        lines.append(f"| {stage} | " + " | ".join(_cell(metrics, k) for k in RESULT_KEYS) + " |")
     lines += [
         "",
-        f"- SFT: {info['sft_steps']} steps in {info['sft_seconds']:.0f} s; {info['rl_name']}: {info['rl_steps']} steps "
-        f"in {info['rl_seconds']:.0f} s; total wall time {info['total_seconds'] / 60:.1f} min on {info['cpus']} CPU "
-        f"core(s), {info['torch_threads']} torch thread(s) (timings depend on other load on the machine).",
+        "Each stage against the one it started from: difference ± paired standard error (same rows; `sis_AP`: same "
+        "bootstrap resamples), and the difference in standard errors (MAE: lower is better, sign flipped).",
+        "",
+        "| comparison | " + " | ".join(RESULT_KEYS) + " |",
+        "|---|" + "---|" * len(RESULT_KEYS),
+    ]
+    for (after, before), differences in comparisons.items():
+        cells = []
+        for key in RESULT_KEYS:
+            value = results[after][key] - results[before][key]
+            se = differences[key]
+            sign = -1 if key in LOWER_IS_BETTER else 1
+            cells.append(f"{value:+.3f} ± {se:.3f} ({sign * value / se:+.1f} se)" if se > 0 else f"{value:+.3f}")
+        lines.append(f"| {after} − {before} | " + " | ".join(cells) + " |")
+    lines += [""]
+    for (after, before), differences in comparisons.items():
+        better = all(results[after][k] - results[before][k] > 2 * differences[k] for k in ("reward", "Sm"))
+        lines.append(
+            f"- {after} vs {before}: {'above' if better else 'NOT above'} by more than 2 paired standard errors on "
+            "both reward and Sm."
+        )
+    lines += [
+        f"- SFT: {info['sft_steps']} steps in {info['sft_seconds']:.0f} s; "
+        + "; ".join(f"{name}: {r['steps']} steps in {r['seconds']:.0f} s" for name, r in info["rl"].items())
+        + f"; total wall time {info['total_seconds'] / 60:.1f} min on {info['cpus']} CPU core(s), "
+        f"{info['torch_threads']} torch thread(s) (timings depend on other load on the machine).",
+        f"- {info['overlay_title']}",
         "- Curves: `curves.png`; SOD overlays (ground truth, then each stage): `overlays.png`.",
-        "- Checkpoints with model cards: `sft/`, `cgpo/`.",
+        "- Checkpoints with model cards: " + ", ".join(f"`{s}/`" for s in results if s != "untrained") + ".",
         "",
     ]
     (out / "results.md").write_text("\n".join(lines))
@@ -249,10 +396,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.no_progress:
         common += ["--disable_tqdm", "true"]
     sft_extra = [*common, "--output_dir", str(out / "sft")]
-    rl_extra = [*common, "--output_dir", str(out / args.trainer), "--model_name_or_path", str(out / "sft")]
-    rl_extra += ["--trainer", args.trainer]
-    if args.trainer == "grpo":
-        rl_extra += ["--num_generations", "4"]
+    rl_extra = [*common, "--model_name_or_path", str(out / "sft")]
     eval_samples = args.eval_samples
     if args.quick:
         sft_extra += ["--max_steps", "4", "--save_steps", "1000", "--logging_steps", "1"]
@@ -278,33 +422,41 @@ def main(argv: list[str] | None = None) -> dict:
     sft_seconds = time.monotonic() - t0
     sft_history, sft_steps = sft_trainer.state.log_history, sft_trainer.state.global_step
 
-    # Stage 2: CGPO (or GRPO) from the SFT checkpoint.
-    say(f"2/3 {args.trainer.upper()}: from {out / 'sft'}, at most {args.rl_minutes:g} min")
-    rl = stage_args(args.rl_config, rl_extra, (SaliencyScriptArguments, CGPOConfig, ModelConfig))
-    if args.quick:
-        for spec in rl[0].datasets:
-            spec.num_samples = min(spec.num_samples or 32, 32)
-    rl_trainer = build_rl_trainer(*rl)
-    rl_trainer.add_callback(TimeLimit(args.rl_minutes))
-    t0 = time.monotonic()
-    train_and_save(rl_trainer, rl[0], rl[2], stage="rl")
-    rl_seconds = time.monotonic() - t0
-    rl_history, rl_steps = rl_trainer.state.log_history, rl_trainer.state.global_step
+    # Stage 2: CGPO, then the GRPO comparison, from the same SFT checkpoint and the same number of completions.
+    trainers = {"cgpo": []} | (
+        {"grpo": ["--num_generations", str(args.grpo_generations)]} if args.grpo_generations else {}
+    )
+    rl_models, rl_info, rl_histories = {}, {}, {}
+    for name, options in trainers.items():
+        say(f"2/3 {name.upper()}: from {out / 'sft'}")
+        extra = [*rl_extra, "--output_dir", str(out / name), "--trainer", name, *options]
+        rl = stage_args(args.rl_config, extra, (SaliencyScriptArguments, CGPOConfig, ModelConfig))
+        if args.quick:
+            for spec in rl[0].datasets:
+                spec.num_samples = min(spec.num_samples or 32, 32)
+        rl_trainer = build_rl_trainer(*rl)
+        rl_trainer.add_callback(TimeLimit(args.rl_minutes))
+        t0 = time.monotonic()
+        train_and_save(rl_trainer, rl[0], rl[2], stage="rl")
+        steps = rl_trainer.state.global_step
+        rl_info[name] = {
+            "steps": steps,
+            "seconds": time.monotonic() - t0,
+            "completions": steps * rl[1].per_device_train_batch_size * rl[1].gradient_accumulation_steps,
+        }
+        rl_models[name] = rl_trainer.model
+        rl_histories[name.upper()] = (rl_trainer.state.log_history, rl_info[name]["completions"] / max(steps, 1))
 
-    # Evaluation of the three stages on the same held-out rows.
-    say(f"3/3 evaluation: untrained, SFT and {args.trainer.upper()} on {eval_samples} held-out rows per task")
+    # Evaluation of every stage on the same held-out rows.
+    say(f"3/3 evaluation: untrained, SFT, {', '.join(n.upper() for n in trainers)} on {eval_samples} rows per task")
     rows_by_task = eval_rows(rl[0], eval_samples)
     reward_funcs = build_reward_funcs(rl[0], processor, untrained, rl[1].max_completion_length)
     weights = rl[1].reward_weights or [1.0] * len(reward_funcs)
     untrained.load_state_dict(untrained_state)
-    models = {
-        "untrained": untrained,
-        "sft": load_policy(_model_config(out / "sft"))[0],
-        args.trainer: rl_trainer.model,
-    }
-    results = {}
+    models = {"untrained": untrained, "sft": load_policy(_model_config(out / "sft"))[0], **rl_models}
+    results, samples = {}, {}
     for stage, model in models.items():
-        results[stage] = evaluate_stage(
+        results[stage], samples[stage] = evaluate_stage(
             stage,
             model,
             processor,
@@ -315,26 +467,42 @@ def main(argv: list[str] | None = None) -> dict:
             rl[1].max_completion_length,
             not args.no_progress,
         )
-        print(f"{stage}: " + ", ".join(f"{k} {results[stage][k]:.3f}" for k in RESULT_KEYS), flush=True)
+        print(f"{stage}: " + ", ".join(f"{k} {_cell(results[stage], k)}" for k in RESULT_KEYS), flush=True)
+    pairs = [("sft", "untrained"), *((name, "sft") for name in rl_models)]
+    if "grpo" in rl_models:
+        pairs.append(("cgpo", "grpo"))
+    comparisons = {pair: compare(samples[pair[0]], samples[pair[1]]) for pair in pairs}
 
-    rl_name = "CGPO" if args.trainer == "cgpo" else "GRPO"
-    plot_curves(sft_history, rl_history, out / "curves.png", rl_name)
-    if "sod" in rows_by_task:
-        overlay_grid(rows_by_task["sod"], list(models), out, out / "overlays.png")
+    plot_curves(sft_history, rl_histories, out / "curves.png")
+    fixed, broken = fixed_cases(samples["cgpo"]["Sm"], samples["sft"]["Sm"])
+    overlay_title = (
+        f"Held-out SOD images CGPO fixed (S-measure +0.1 or more over SFT): {len(fixed)} fixed, {len(broken)} broken "
+        f"of {len(samples['cgpo']['Sm'])}"
+    )
+    overlay_grid(
+        rows_by_task["sod"],
+        (fixed or sorted(samples["cgpo"]["Sm"]))[:6],
+        list(models)[1:],
+        out,
+        out / "overlays.png",
+        overlay_title,
+    )
     info = {
         "eval_samples": eval_samples,
         "sft_steps": sft_steps,
         "sft_seconds": sft_seconds,
-        "rl_name": rl_name,
-        "rl_key": args.trainer,
+        "rl": rl_info,
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "rl_steps": rl_steps,
-        "rl_seconds": rl_seconds,
+        "sod_fixed_by_cgpo": len(fixed),
+        "sod_broken_by_cgpo": len(broken),
+        "overlay_title": overlay_title,
         "total_seconds": time.monotonic() - started,
     }
-    write_results(results, out, info)
-    for stage in ("sft", args.trainer):  # the checkpoints' model cards get the held-out numbers too
+    write_results(results, comparisons, out, info)
+    for stage in models:  # the checkpoints' model cards get the held-out numbers too
+        if stage == "untrained":
+            continue
         with open(out / stage / "README.md", "a") as card:
             card.write(
                 f"\n### Held-out synthetic evaluation (`make demo`, {eval_samples} rows per task, greedy)\n\n"
@@ -343,7 +511,7 @@ def main(argv: list[str] | None = None) -> dict:
                 + " |\n|"
                 + "---|" * len(RESULT_KEYS)
                 + "\n| "
-                + " | ".join(f"{results[stage][k]:.3f}" for k in RESULT_KEYS)
+                + " | ".join(_cell(results[stage], k) for k in RESULT_KEYS)
                 + " |\n"
             )
     (out / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")

@@ -83,22 +83,6 @@ def test_three_steps_tiny_vlm(tmp_path):
     assert_trains(trainer, model)
 
 
-def test_sequence_answer_span_on_vlm(tmp_path):
-    model, processor = build_tiny_vlm()
-    args = CGPOConfig(
-        **make_args(tmp_path, per_device_train_batch_size=2, max_steps=1),
-        confidence_level="sequence",
-        confidence="arith_mean",
-        confidence_span="answer",
-    )
-    trainer = RecordingCGPOTrainer(
-        model, [length_reward], args=args, train_dataset=image_prompt_dataset(), processing_class=processor
-    )
-    trainer.train()
-    advantages, rewards, _ = trainer.seen[0]
-    assert advantages.shape == rewards.shape  # one advantage per completion
-
-
 def test_lora_three_steps(tmp_path):
     from peft import LoraConfig
 
@@ -219,6 +203,10 @@ def test_config_validation():
 
 
 def test_resume_restores_calibration_state(tmp_path):
+    """`train(resume_from_checkpoint=...)` restores the CGPO state saved with the checkpoint before the first resumed
+    step, through the trainer's own resume path."""
+    from transformers import TrainerCallback
+
     model, tokenizer = build_tiny_lm()
     kwargs = make_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
     # sequence level: one (c, r) pair per completion, so the window's size is known exactly
@@ -229,40 +217,27 @@ def test_resume_restores_calibration_state(tmp_path):
     trainer.train()
     checkpoint = os.path.join(args.output_dir, "checkpoint-2")
     with open(os.path.join(checkpoint, "cgpo_state.json")) as f:
-        saved = json.load(f)["calibrator"]
-    assert len(saved["rewards"]) == 8 and saved["a"] is not None
+        saved = json.load(f)
+    assert len(saved["calibrator"]["rewards"]) == 8 and saved["calibrator"]["a"] is not None
 
+    class AtStart(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.cgpo_state = json.loads(json.dumps(resumed._cgpo_state_dict()))
+
+    at_start = AtStart()
     model, tokenizer = build_tiny_lm()
     resumed = CGPOTrainer(
-        model, [length_reward], args=args, train_dataset=text_prompt_dataset(), processing_class=tokenizer
+        model,
+        [length_reward],
+        args=args,
+        train_dataset=text_prompt_dataset(),
+        processing_class=tokenizer,
+        callbacks=[at_start],
     )
-    resumed._load_cgpo_state(checkpoint)
-    assert resumed.calibrator.state_dict() == saved
     resumed.train(resume_from_checkpoint=checkpoint)
+    assert at_start.cgpo_state == saved
     assert resumed.state.global_step == 4
-    assert resumed.calibrator.rewards[:8] == saved["rewards"] and len(resumed.calibrator.rewards) == 16
-
-
-def test_sequence_confidence_prefers_sampling_logprobs(tmp_path):
-    """With vLLM the sampler's log-probs (NaN where it could not score a token) are the sequence confidence."""
-    model, tokenizer = build_tiny_lm()
-    args = CGPOConfig(
-        **make_args(tmp_path), confidence_level="sequence", confidence="arith_mean", confidence_calibration="none"
-    )
-    trainer = CGPOTrainer(
-        model, [length_reward], args=args, train_dataset=text_prompt_dataset(), processing_class=tokenizer
-    )
-    inputs = {
-        "completion_mask": torch.tensor([[1, 1, 1], [1, 1, 0]]),
-        "cgpo_rewards": torch.tensor([1.0, 0.0]),
-        "sampling_per_token_logps": torch.log(torch.tensor([[0.5, float("nan"), 0.7], [0.2, 0.4, 0.9]])),
-    }
-    own_logps = torch.zeros(2, 3)  # the loss pass's log-probs must not be used
-    advantages = trainer._advantages(inputs, own_logps, None, 3)
-    torch.testing.assert_close(advantages, torch.tensor([1.0 - 0.6, 0.0 - 0.3]))
-    inputs.pop("sampling_per_token_logps")
-    inputs["old_per_token_logps"] = torch.log(torch.full((2, 3), 0.25))
-    torch.testing.assert_close(trainer._advantages(inputs, own_logps, None, 3), torch.tensor([0.75, -0.25]))
+    assert resumed.calibrator.rewards[:8] == saved["calibrator"]["rewards"] and len(resumed.calibrator.rewards) == 16
 
 
 @pytest.mark.parametrize("confidence", ["max_prob", "self_agreement", "neg_entropy"])
@@ -308,23 +283,3 @@ def test_token_baselines_equal_the_policy_distribution(tmp_path, confidence):
     mask = seen["completion_mask"].float()
     want = (seen["cgpo_rewards"].unsqueeze(1) - expected) * mask
     torch.testing.assert_close(seen["advantages"], want, atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        {"loss_type": "grpo"},
-        {"loss_type": "dr_grpo"},
-        {"loss_type": "cispo"},
-        {"importance_sampling_level": "sequence", "num_iterations": 2},
-    ],
-)
-def test_trl_loss_options_keep_working(tmp_path, overrides):
-    model, tokenizer = build_tiny_lm()
-    args = CGPOConfig(**make_args(tmp_path, max_steps=2), **overrides)
-    trainer = CGPOTrainer(
-        model, [length_reward], args=args, train_dataset=text_prompt_dataset(), processing_class=tokenizer
-    )
-    trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    assert losses and all(math.isfinite(float(x)) for x in losses)

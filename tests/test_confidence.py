@@ -1,4 +1,4 @@
-"""Confidence estimators, reward scaling, calibration and advantages on hand-computed values."""
+"""Confidence estimators, spans and the online calibration on hand-computed values."""
 
 import math
 
@@ -8,15 +8,19 @@ import torch
 from cgpo_trl.confidence import (
     ConfidenceInputs,
     OnlineCalibrator,
-    cgpo_advantages,
     expected_calibration_error,
     get_confidence_estimator,
     list_confidence_estimators,
     register_confidence_estimator,
-    scale_rewards,
     span_mask_from_text,
     token_pairs,
 )
+
+
+def update(cal: OnlineCalibrator, c: torch.Tensor, r: torch.Tensor) -> None:
+    cal.add(c, r)
+    cal.commit()
+
 
 LOGPS = torch.log(torch.tensor([[0.5, 0.25, 0.9], [0.8, 0.8, 0.8]]))
 MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])  # the 0.9 of row 0 is padding
@@ -78,47 +82,20 @@ def test_answer_span_mask():
     assert span_mask_from_text(["a", "b"], "<answer>", "</answer>") == [1, 1]
 
 
-def test_scale_rewards_by_hand():
-    per_func = torch.tensor([[1.0, 0.5], [math.nan, 1.0], [math.nan, math.nan]])
-    weights = torch.tensor([1.0, 3.0])
-    out = scale_rewards(per_func, weights, "weight_sum")
-    assert out[:2].tolist() == [pytest.approx(2.5 / 4), 1.0] and math.isnan(out[2])
-    out = scale_rewards(per_func, weights, "none")
-    assert out[:2].tolist() == [2.5, 3.0] and math.isnan(out[2])
-    with pytest.raises(ValueError, match="reward_scaling"):
-        scale_rewards(per_func, weights, "max")
-
-
-def test_advantages_none_batch_clip_and_nan():
-    r = torch.tensor([1.0, 0.0, 0.5, math.nan])
-    c = torch.tensor([0.6, 0.2, 0.5, 0.3])
-    torch.testing.assert_close(cgpo_advantages(r, c, "none"), torch.tensor([0.4, -0.2, 0.0, 0.0]))
-    gap = torch.nanmean(r - c)  # (0.4 - 0.2 + 0.0) / 3
-    torch.testing.assert_close(
-        cgpo_advantages(r, c, "batch", batch_gap_mean=gap), torch.tensor([0.4 - gap, -0.2 - gap, -gap, 0.0])
-    )
-    torch.testing.assert_close(cgpo_advantages(r, c, "none", clip=0.1), torch.tensor([0.1, -0.1, 0.0, 0.0]))
-    with pytest.raises(ValueError, match="batch mean"):
-        cgpo_advantages(r, c, "batch")
-
-
-def test_token_level_advantages():
-    r = torch.tensor([1.0, 0.0])
-    b = torch.tensor([[0.9, 0.5], [0.25, 0.75]])
-    torch.testing.assert_close(cgpo_advantages(r, b, "none"), torch.tensor([[0.1, 0.5], [-0.25, -0.75]]))
-
-
 def test_online_calibrator_maps_and_is_monotone():
     cal = OnlineCalibrator(window=1000, min_pairs=10)
     c = torch.linspace(0.05, 0.95, 200)
-    assert cal(c).eq(0.0).all()  # empty window: zero baseline
-    cal.update(c[:5], torch.ones(5))
-    assert cal.a is None and cal(c).eq(1.0).all()  # too few pairs: the mean reward
+    assert not cal.fitted
+    with pytest.raises(RuntimeError, match="not fitted"):
+        cal(c)  # the caller picks the cold-start baseline (the trainer: the batch's mean reward)
+    cal.add(c[:5], torch.ones(5))
+    cal.commit()
+    assert not cal.fitted  # too few pairs
     cal = OnlineCalibrator(window=1000, min_pairs=10)
-    cal.update(c, c.clone())  # already calibrated: g is close to identity
+    update(cal, c, c.clone())  # already calibrated: g is close to identity
     torch.testing.assert_close(cal(c), c, atol=0.03, rtol=0)
     cal = OnlineCalibrator(window=1000, min_pairs=10)
-    cal.update(c, 1 - c)  # anti-correlated: the monotone fit is the constant mean
+    update(cal, c, 1 - c)  # anti-correlated: the monotone fit is the constant mean
     assert cal.a == 0.0
     torch.testing.assert_close(cal(c), torch.full_like(c, 0.5), atol=1e-4, rtol=0)
 
@@ -129,7 +106,7 @@ def test_online_calibrator_fits_crowded_confidences():
     c = (0.95 + 0.022 * torch.randn(3000, generator=gen)).clamp(0.5, 0.9999)
     r = (torch.rand(3000, generator=gen) < (c - 0.9) * 8).float()
     cal = OnlineCalibrator(window=4000, min_pairs=10)
-    cal.update(c, r)
+    update(cal, c, r)
     assert cal.a > 1.0
     g = cal(c)
     bce = torch.nn.functional.binary_cross_entropy
@@ -139,14 +116,33 @@ def test_online_calibrator_fits_crowded_confidences():
 
 def test_online_calibrator_window_and_state_roundtrip():
     cal = OnlineCalibrator(window=8, min_pairs=4)
-    cal.update(torch.linspace(0.1, 0.9, 12), torch.tensor([0.0, 1.0] * 6))
+    update(cal, torch.linspace(0.1, 0.9, 12), torch.tensor([0.0, 1.0] * 6))
     assert len(cal.confidences) == 8 and cal.confidences[0] == pytest.approx(0.1 + 4 * 0.8 / 11)
+    cal.add(torch.tensor([0.5]), torch.tensor([1.0]))  # queued, not yet in the window: kept in the state too
     again = OnlineCalibrator()
     again.load_state_dict(cal.state_dict())
     c = torch.tensor([0.2, 0.7])
     torch.testing.assert_close(again(c), cal(c))
-    adv = cgpo_advantages(torch.tensor([1.0, 0.0]), c, "online", calibrator=cal)
-    torch.testing.assert_close(adv, torch.tensor([1.0, 0.0]) - cal(c))
+    assert again.pending_rewards == [1.0] and len(again.rewards) == 8
+
+
+def test_online_calibrator_only_changes_on_commit():
+    """Pairs added while a generation is still in use never move the map until `commit`."""
+    cal = OnlineCalibrator(window=100, min_pairs=4)
+    c = torch.linspace(0.1, 0.9, 20)
+    update(cal, c, (c > 0.5).float())
+    before = cal(c).clone()
+    cal.add(c, 1 - (c > 0.5).float())
+    torch.testing.assert_close(cal(c), before)
+    cal.commit()
+    assert not torch.allclose(cal(c), before)
+    assert cal.pending_rewards == [] and len(cal.rewards) == 40
+
+
+@pytest.mark.parametrize("window,min_pairs,match", [(0, 2, "calibration_window"), (10, 0, "calibration_min_pairs")])
+def test_online_calibrator_rejects_degenerate_windows(window, min_pairs, match):
+    with pytest.raises(ValueError, match=match):
+        OnlineCalibrator(window=window, min_pairs=min_pairs)
 
 
 def test_expected_calibration_error_by_hand():

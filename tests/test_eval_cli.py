@@ -183,14 +183,18 @@ def test_report_with_reference_answers(tmp_path):
 @pytest.mark.slow
 def test_report_on_benchmark_folders_scores_against_the_original_files(tmp_path):
     """Benchmarks in their published layout: predictions are named after the files and scored against the GT
-    folder itself. The untrained tiny model writes no tags, so every map is empty and MAE is the GT's mean."""
+    folder itself, CoCA groups named with spaces (`alarm clock`) included. The untrained tiny model writes no tags,
+    so every map is empty and MAE is the GT's mean."""
     from cgpo_trl.data.benchmarks import save_benchmark
     from cgpo_trl.data.synthetic import generate_synthetic
 
     sod = generate_synthetic(task="sod", num_samples=3, split="test")
     root = save_benchmark(sod, "ecssd", tmp_path / "data" / "ECSSD")
     cosod = generate_synthetic(task="cosod", num_samples=2, split="test", group_size=(2, 2))
-    save_benchmark(cosod, "coca", tmp_path / "data" / "CoCA")
+    coca = save_benchmark(cosod, "coca", tmp_path / "data" / "CoCA")
+    for row, name in zip(cosod, ("alarm clock", "Teddy bear")):
+        for top in ("Image", "GroundTruth"):
+            (coca / top / row["group"]).rename(coca / top / name)
     config = write_config(
         tmp_path / "report.yaml",
         model_name_or_path="tiny-random",
@@ -213,6 +217,8 @@ def test_report_on_benchmark_folders_scores_against_the_original_files(tmp_path)
     assert report["sod"]["ecssd"]["well_formed"] == 0
     co_mean = np.mean([np.asarray(m).mean() / 255 for row in cosod for m in row["masks"]])
     assert report["cosod"]["coca"]["MAE"] == pytest.approx(co_mean)
+    assert report["cosod"]["coca"]["num_images"] == 4 and report["cosod"]["coca"]["num_missing"] == 0
+    assert sorted(p.name for p in (tmp_path / "out" / "coca" / "masks").iterdir()) == ["Teddy bear", "alarm clock"]
 
 
 def test_report_config_errors(tmp_path, capsys):
@@ -230,7 +236,74 @@ def test_report_config_errors(tmp_path, capsys):
         load_report_config(
             write_config(tmp_path / "twice.yaml", output_dir="x", datasets=[{"name": "coca"}, {"name": "coca"}])
         )
-    # The shipped recipes parse.
+    # The shipped recipes parse, and their SIS sets name the split they evaluate.
     for recipe in sorted(Path("recipes/eval").glob("*.yaml")):
         config = load_report_config(recipe)
         assert config.datasets and config.predict["segmenter"]
+        for entry in config.datasets:
+            if entry.name in ("ilso", "soc", "sis10k"):
+                assert entry.options.get("split") == "test", (recipe, entry.name)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Loading a model fails the test: the checks below must all happen before it."""
+    from cgpo_trl.predict import VLMGenerator
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(VLMGenerator, "from_pretrained", refuse)
+
+
+def test_report_checks_datasets_and_segmenter_before_loading_the_model(tmp_path, capsys, no_model):
+    base = dict(model_name_or_path="tiny-random", output_dir=str(tmp_path / "out"), progress=False)
+    config = write_config(
+        tmp_path / "a.yaml",
+        segmenter="shapes",
+        datasets=[{"name": "synthetic-sod", "num_samples": 2}, {"name": "ecssd", "data_dir": str(tmp_path / "no")}],
+        **base,
+    )
+    with pytest.raises(SystemExit):
+        main(["report", "--config", str(config)])
+    assert "dataset ecssd: ecssd: data_dir" in capsys.readouterr().err
+    config = write_config(
+        tmp_path / "b.yaml", segmenter="evf-sam", datasets=[{"name": "synthetic-sod", "num_samples": 2}], **base
+    )
+    with pytest.raises(SystemExit):
+        main(["report", "--config", str(config)])
+    assert "segmenter 'evf-sam': segmenter 'evf-sam' needs a checkpoint" in capsys.readouterr().err
+    config = write_config(
+        tmp_path / "c.yaml",
+        segmenter="shapes",
+        datasets=[{"name": "synthetic-sod", "num_samples": 2, "colour": "red"}],
+        **base,
+    )
+    with pytest.raises(SystemExit):
+        main(["report", "--config", str(config)])
+    assert "unknown option(s) ['colour']" in capsys.readouterr().err
+
+
+def test_report_never_mixes_predictions_of_two_runs(tmp_path, capsys, no_model):
+    """A report run with reference answers, then with a model into the same folder, used to reuse the reference
+    predictions and report the untrained model at S-measure 1.000."""
+    datasets = [{"name": "synthetic-sod", "label": "Syn-SOD", "num_samples": 3, "split": "test"}]
+    common = dict(segmenter="shapes", output_dir=str(tmp_path / "out"), progress=False, datasets=datasets)
+    reference = write_config(tmp_path / "ref.yaml", answers="reference", **common)
+    assert main(["report", "--config", str(reference)])["sod"]["Syn-SOD"]["Sm"] == pytest.approx(1.0)
+    assert main(["report", "--config", str(reference)])["sod"]["Syn-SOD"]["Sm"] == pytest.approx(1.0)  # resumes
+    model = write_config(tmp_path / "model.yaml", answers="model", model_name_or_path="tiny-random", **common)
+    with pytest.raises(SystemExit):
+        main(["report", "--config", str(model)])
+    err = capsys.readouterr().err
+    assert "dataset Syn-SOD:" in err and "answers: 'reference' -> 'model'" in err
+    more = [{**datasets[0], "num_samples": 4}]
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "report",
+                "--config",
+                str(write_config(tmp_path / "more.yaml", answers="reference", **{**common, "datasets": more})),
+            ]
+        )
+    assert "data: " in capsys.readouterr().err

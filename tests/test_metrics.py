@@ -248,3 +248,51 @@ def test_sis_bad_inputs(tmp_path):
     gt_file = tmp_path / "gt.json"
     gt_file.write_text(json.dumps(gt))
     assert evaluate_sis([det(a, 0.9), det(b, 0.8)], gt_file)["AP"] == pytest.approx(1.0)
+
+
+def test_read_mask_of_16_bit_and_alpha_channel_pngs(tmp_path):
+    """Two encodings OpenCV's grayscale read turns black: a 16-bit PNG holding 0-255, and the mask drawn in the
+    alpha channel of a transparent PNG. A full-range 16-bit map is still read as OpenCV (the toolkit) reads it."""
+    gt = square_gt()
+    Image.fromarray(gt.astype(np.uint16)).save(tmp_path / "sixteen.png")
+    np.testing.assert_array_equal(read_mask(tmp_path / "sixteen.png"), gt)
+    full = gt.astype(np.uint16) * 257
+    Image.fromarray(full).save(tmp_path / "full.png")
+    np.testing.assert_array_equal(read_mask(tmp_path / "full.png"), gt)
+    rgba = np.zeros((H, W, 4), np.uint8)
+    rgba[..., 3] = gt
+    Image.fromarray(rgba).save(tmp_path / "alpha.png")
+    np.testing.assert_array_equal(read_mask(tmp_path / "alpha.png"), gt)
+    coloured = rgba.copy()
+    coloured[..., 0] = gt  # colour varies: an ordinary RGBA image, read as its grey level like OpenCV does
+    Image.fromarray(coloured).save(tmp_path / "colour.png")
+    assert read_mask(tmp_path / "colour.png").max() < 255
+
+
+def test_sis_input_is_validated_with_errors_naming_the_entry():
+    a, b = two_instances()
+    gt = coco_gt([a, b])
+    with pytest.raises(MetricInputError, match=r"results\[0\] has score nan"):
+        evaluate_sis([det(a, float("nan"))], gt)
+    with pytest.raises(MetricInputError, match=r"results\[0\] has score '0.9'"):
+        evaluate_sis([det(a, "0.9")], gt)
+    garbage = {**det(a, 0.9), "segmentation": {"size": [H, W], "counts": "0"}}  # pycocotools decodes it
+    with pytest.raises(MetricInputError, match=r"results\[0\]: RLE runs sum to 0"):
+        evaluate_sis([garbage], gt)
+    with pytest.raises(MetricInputError, match=r"results\[0\]: .*invalid character"):
+        evaluate_sis([{**garbage, "segmentation": {"size": [H, W], "counts": "garbage!!"}}], gt)
+    wrong_size = {**det(a, 0.9), "segmentation": encode_mask(np.ones((20, 20), bool))}
+    with pytest.raises(MetricInputError, match=r"results\[0\]: RLE size \[20, 20\] differs from the image size"):
+        evaluate_sis([wrong_size], gt)
+    polygon = {"id": 9, "image_id": 5, "category_id": 1, "segmentation": [[1, 1, 8, 1, 8, 8]]}
+    with pytest.raises(MetricInputError, match=r"annotations\[2\] refers to image_id 5"):
+        evaluate_sis([det(a, 0.9)], {**gt, "annotations": gt["annotations"] + [polygon]})
+    no_height = {**gt, "images": [{"id": 1, "file_name": "1.png", "width": W}]}
+    with pytest.raises(MetricInputError, match=r"images\[0\] lacks field\(s\) \['height'\]"):
+        evaluate_sis([det(a, 0.9)], no_height)
+    broken_gt = {**gt, "annotations": [{**gt["annotations"][0], "segmentation": {"size": [H, W], "counts": "0"}}]}
+    with pytest.raises(MetricInputError, match=r"annotations\[0\]: RLE runs sum to 0"):
+        evaluate_sis([det(a, 0.9)], broken_gt)
+    # Polygons and uncompressed RLE in the ground truth are still read.
+    square = {**gt["annotations"][0], "segmentation": [[2, 2, 12, 2, 12, 12, 2, 12]]}
+    assert evaluate_sis([det(a, 0.9)], {**gt, "annotations": [square]})["AP50"] == pytest.approx(1.0)

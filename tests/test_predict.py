@@ -1,6 +1,7 @@
 """Prediction pipeline: synthetic rows -> answers -> `shapes` segmenter -> benchmark layout -> eval."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from cgpo_trl.data.rows import decode_instance
 from cgpo_trl.data.synthetic import generate_synthetic
 from cgpo_trl.eval import main as eval_main
 from cgpo_trl.predict import PredictConfig, predict_rows, rows_from_folder
-from cgpo_trl.saliency.segmenters import load_segmenter
+from cgpo_trl.saliency.segmenters import ReferringSegmenter, load_segmenter
 from cgpo_trl.saliency.tags import format_answer
 
 
@@ -175,3 +176,144 @@ def test_cli_with_tiny_checkpoint_on_an_image_folder(tmp_path):
             assert mask.shape == (56, 56) and mask.dtype == np.uint8
             assert (tmp_path / "out" / "overlays" / f"{name}.png").is_file()
     assert main(argv).num_skipped == 2
+
+
+class BlobSegmenter(ReferringSegmenter):
+    """'both' is one expression whose mask has two separate blobs; 'left' the left blob alone."""
+
+    name = "blobs"
+
+    @staticmethod
+    def masks(height, width):
+        left, right = np.zeros((height, width), np.float32), np.zeros((height, width), np.float32)
+        left[4:12, 2:10], right[4:12, 20:28] = 1.0, 1.0
+        return {"left": left, "both": np.maximum(left, right)}
+
+    def _segment_regions(self, images, expressions):
+        empty = [np.zeros((im.height, im.width), np.float32) for im in images]
+        return [(self.masks(im.height, im.width).get(e, z), 0.9) for im, e, z in zip(images, expressions, empty)]
+
+
+def test_sis_detections_are_the_masks_the_sis_reward_scores(tmp_path):
+    """One detection per <ins>, its region mask whole (not split into connected components), as in training."""
+    from cgpo_trl.data.rows import encode_instances
+    from cgpo_trl.saliency.rewards import SISReward
+
+    image = Image.new("RGB", (32, 16))
+    truth = BlobSegmenter.masks(16, 32)["both"] > 0
+    row = {"task": "sis", "images": [image], "instances": encode_instances([truth]), "name": "pair"}
+    answer = format_answer("two parts, one object", instances=["both"])
+    summary = predict_rows([row], Oracle(lambda r: answer), BlobSegmenter(), tmp_path / "p", progress=False)
+    results = json.loads(summary.results_json.read_text())
+    assert len(results) == 1
+    np.testing.assert_array_equal(decode_instance(results[0]["segmentation"]), truth)
+    ap = eval_main(["sis", "--pred", str(summary.results_json), "--gt", str(summary.annotations_json)])
+    assert ap == pytest.approx({"AP": 1.0, "AP50": 1.0, "AP70": 1.0})
+    [reward] = SISReward(BlobSegmenter())([None], [answer], images=[[image]], instances=[row["instances"]])
+    assert reward == pytest.approx(1.0)
+
+
+def test_names_are_kept_as_on_disk_end_to_end(tmp_path, segmenter):
+    """CoCA-style group folders with spaces and file stems with spaces: predictions land under the same names and
+    score against the original folders."""
+    rows = generate_synthetic(task="cosod", num_samples=2, split="test", group_size=(2, 2))
+    for row, group in zip(rows, ("alarm clock", "rubber  duck")):
+        for j, (image, mask) in enumerate(zip(row["images"], row["masks"])):
+            (tmp_path / "images" / group).mkdir(parents=True, exist_ok=True)
+            (tmp_path / "gt" / group).mkdir(parents=True, exist_ok=True)
+            image.save(tmp_path / "images" / group / f"photo {j}.png")
+            mask.save(tmp_path / "gt" / group / f"photo {j}.png")
+    folder_rows = rows_from_folder(tmp_path / "images", "cosod")
+    assert folder_rows["group"] == ["alarm clock", "rubber  duck"]
+    expressions = {"alarm clock": rows[0]["solution"], "rubber  duck": rows[1]["solution"]}
+    summary = predict_rows(
+        folder_rows, Oracle(lambda r: expressions[r["group"]]), segmenter, tmp_path / "out", progress=False
+    )
+    assert sorted(p.name for p in summary.masks_dir.iterdir()) == ["alarm clock", "rubber  duck"]
+    m = eval_main(["cosod", "--pred", str(summary.masks_dir), "--gt", str(tmp_path / "gt"), "--no_progress"])
+    assert m["num_images"] == 4 and m["MAE"] == 0
+    with pytest.raises(ValueError, match=r"group 'a/b' is not a valid file or folder name"):
+        predict_rows(
+            [{"task": "cosod", "group": "a/b", "images": [Image.new("RGB", (8, 8))]}],
+            Oracle(),
+            segmenter,
+            tmp_path / "bad",
+            progress=False,
+        )
+
+
+def test_folder_images_16_bit_and_truncated(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    ramp = np.tile(np.linspace(0, 65535, 32).astype(np.uint16), (8, 1))
+    Image.fromarray(ramp).save(tmp_path / "imgs" / "depth.png")  # I;16: converting straight to RGB clips to white
+    [row] = rows_from_folder(tmp_path / "imgs", "sod")
+    grey = np.asarray(row["images"][0])[..., 0]
+    np.testing.assert_array_equal(grey, np.rint(ramp / 257).astype(np.uint8))
+    assert row["names"] == ["depth"]
+    buffer = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(buffer).save(tmp_path / "imgs" / "cut.jpg", quality=90)
+    data = (tmp_path / "imgs" / "cut.jpg").read_bytes()
+    (tmp_path / "imgs" / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"cannot read image .*cut\.jpg: .*truncated"):
+        rows_from_folder(tmp_path / "imgs", "sod")
+    (tmp_path / "imgs" / "cut.jpg").unlink()
+    Image.fromarray(np.zeros((4, 4), np.float32)).save(tmp_path / "imgs" / "float.tif")
+    with pytest.raises(ValueError, match=r"image .*float\.tif holds floating-point pixels"):
+        rows_from_folder(tmp_path / "imgs", "sod")
+
+
+def test_resume_refuses_predictions_made_with_other_settings(tmp_path, segmenter):
+    from cgpo_trl.predict import ResumeError, run_fingerprint
+
+    rows = generate_synthetic(task="sod", num_samples=3, split="test")
+    settings = dict(
+        answers="model",
+        model="a",
+        generation={"max_new_tokens": 8},
+        segmenter="shapes",
+        segmenter_kwargs={},
+        instance_score="segmenter",
+    )
+    first = run_fingerprint(rows, **settings)
+    assert run_fingerprint(generate_synthetic(task="sod", num_samples=3, split="test"), **settings) == first
+    predict_rows(rows, Oracle(), segmenter, tmp_path / "r", progress=False, fingerprint=first)
+    again = predict_rows(rows, Oracle(), segmenter, tmp_path / "r", progress=False, fingerprint=first)
+    assert again.num_skipped == 3
+    other_model = run_fingerprint(rows, **{**settings, "model": "b"})
+    with pytest.raises(ResumeError, match=r"other settings \(model: 'a' -> 'b'\)"):
+        predict_rows(rows, Oracle(), segmenter, tmp_path / "r", progress=False, fingerprint=other_model)
+    other_data = run_fingerprint(generate_synthetic(task="sod", num_samples=3, split="validation"), **settings)
+    with pytest.raises(ResumeError, match=r"other settings \(data: "):
+        predict_rows(rows, Oracle(), segmenter, tmp_path / "r", progress=False, fingerprint=other_data)
+    (tmp_path / "r" / "run.json").unlink()
+    with pytest.raises(ResumeError, match="did not record its settings"):
+        predict_rows(rows, Oracle(), segmenter, tmp_path / "r", progress=False, fingerprint=first)
+
+
+def test_a_killed_write_leaves_no_half_written_file(tmp_path, segmenter, monkeypatch):
+    rows = generate_synthetic(task="sod", num_samples=2, split="test")
+    real_save = Image.Image.save
+
+    def dying_save(self, fp, *args, **kwargs):
+        if "masks" in str(fp) and "000001" in str(fp):
+            Path(fp).write_bytes(b"\x89PNG half")
+            raise KeyboardInterrupt  # the run is killed while writing this mask
+        return real_save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        predict_rows(rows, Oracle(), segmenter, tmp_path / "k", overlays=False, progress=False)
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "k" / "masks").iterdir()) == ["000000.png"]
+    summary = predict_rows(rows, Oracle(), segmenter, tmp_path / "k", overlays=False, progress=False)
+    assert summary.num_predicted == 1
+    m = eval_main(["sod", "--pred", str(summary.masks_dir), "--gt", str(summary.gt_dir), "--no_progress"])
+    assert m["MAE"] == 0
+
+
+def test_an_empty_answer_is_well_formed_and_detects_nothing(tmp_path, segmenter):
+    rows = generate_synthetic(task="sis", num_samples=2, split="test")
+    summary = predict_rows(
+        rows, Oracle(lambda r: "<think>none</think><answer></answer>"), segmenter, tmp_path / "e", progress=False
+    )
+    assert summary.num_well_formed == 2 and json.loads(summary.results_json.read_text()) == []

@@ -1,6 +1,11 @@
+import re
+
 import pytest
 
 from cgpo_trl.saliency.prompts import TASKS, build_prompt
+from cgpo_trl.saliency.rewards import read_answer
+
+SHOWN_ANSWERS = re.compile(r"(?:Example|empty): ((?:<think>.*?</think>)?<answer>.*?</answer>)")
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -18,6 +23,17 @@ def test_instructions_name_the_task_tag():
     assert "<ins></ins>" in build_prompt("sis")[0]["content"][-1]["text"]
     cosod = build_prompt("cosod", num_images=4)[0]["content"][-1]["text"]
     assert "4 images" in cosod and "<rg></rg>" in cosod
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_every_answer_an_instruction_shows_is_one_the_rewards_accept(task):
+    """SOD and SIS also show the answer for "nothing is salient" (empty); a CoSOD group always shares an object."""
+    text = build_prompt(task, num_images=2 if task == "cosod" else 1)[0]["content"][-1]["text"]
+    shown = [read_answer(answer, task) for answer in SHOWN_ANSWERS.findall(text)]
+    assert shown and all(parsed.ok for parsed in shown)
+    empty = [parsed for parsed in shown if not parsed.regions and not parsed.instances]
+    assert len(shown) - len(empty) == 1
+    assert len(empty) == (0 if task == "cosod" else 1)
 
 
 def test_bad_arguments_are_clear_errors():

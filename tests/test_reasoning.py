@@ -171,6 +171,11 @@ def test_jsonl_cache_survives_a_cut_line(tmp_path):
         handle.write('{"key": "c", "te')  # interrupted mid-write
     reloaded = JsonlCache(path)
     assert reloaded.loaded == 2 and reloaded["b"] == "two" and "c" not in reloaded
+    # The cut line is truncated, so the next answer starts its own line instead of being glued onto it.
+    reloaded.put("c", "three")
+    again = JsonlCache(path)
+    assert again.loaded == 3 and again["c"] == "three"
+    assert path.read_text().splitlines()[-1] == '{"key": "c", "text": "three"}'
 
 
 # ------------------------------------------------------------------------------------- OpenAI-compatible server

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from trl import GRPOConfig, GRPOTrainer, ModelConfig, SFTConfig, SFTTrainer
+from trl import GRPOConfig, ModelConfig, SFTConfig
 
+from cgpo_trl.checkpoints import ResumableGRPOTrainer, ResumableSFTTrainer
 from cgpo_trl.config import CGPOConfig
 from cgpo_trl.pipeline import (
     DatasetSpec,
@@ -126,11 +127,11 @@ def test_yaml_parses_and_builds_its_trainer(path, tiny_checkpoint, tmp_path):
         assert raw["use_vllm"] and training_args.vllm_mode == raw["vllm_mode"]
     if types_for(path) is SFT_TYPES:
         trainer = build_sft_trainer(script_args, training_args, model_args)
-        assert type(trainer) is SFTTrainer
+        assert type(trainer) is ResumableSFTTrainer
         assert set(trainer.train_dataset.column_names) >= {"prompt", "completion", "images"}
     else:
         trainer = build_rl_trainer(script_args, training_args, model_args)
-        expected = CGPOTrainer if raw.get("trainer", "cgpo") == "cgpo" else GRPOTrainer
+        expected = CGPOTrainer if raw.get("trainer", "cgpo") == "cgpo" else ResumableGRPOTrainer
         assert type(trainer) is expected
         assert [f.__name__ for f in trainer.reward_funcs] == raw["reward_funcs"]
         assert trainer.num_generations == raw["num_generations"]
@@ -202,6 +203,71 @@ def test_bad_values_fail_early():
         build_mixture([DatasetSpec(name="synthetic", task="sod", num_samples=2, options={"rules": "shape"})])
 
 
+@pytest.mark.parametrize(
+    "entry,message",
+    [
+        ({"task": "sod", "weight": "heavy"}, r"datasets\[0\]: 'weight' must be a number, got 'heavy' \(str\)"),
+        ({"task": "sod", "num_samples": "10"}, r"datasets\[0\]: 'num_samples' must be an integer, got '10' \(str\)"),
+        ({"task": "sod", "weight": True}, r"datasets\[0\]: 'weight' must be a number, got True \(bool\)"),
+        ({"task": ["sod"]}, r"datasets\[0\]: 'task' must be a string \(sod, sis or cosod\), got \['sod'\] \(list\)"),
+        ({"task": "sod", "options": "rule=shape"}, r"datasets\[0\]: 'options' must be a mapping, got 'rule=shape'"),
+        ({"name": "dutstr"}, r"datasets\[0\]: unknown benchmark 'dutstr' \(did you mean 'duts-tr'\?\)"),
+        ({"name": "DUTS-TR"}, r"datasets\[0\]: dataset 'DUTS-TR' needs `data_dir`"),
+        ({"task": "sod", "num_samples": 0}, r"datasets\[0\]: num_samples must be >= 1, got 0 \(an empty dataset\)"),
+    ],
+)
+def test_bad_dataset_entries_are_named(entry, message):
+    with pytest.raises(ValueError, match=message):
+        SaliencyScriptArguments(datasets=[{"name": "synthetic", **entry}])
+
+
+def saved_sod(folder: Path, num_samples: int = 4) -> str:
+    from cgpo_trl.data.synthetic import generate_synthetic
+
+    generate_synthetic(task="sod", num_samples=num_samples, image_size=56).save_to_disk(str(folder))
+    return str(folder)
+
+
+def test_an_entry_with_no_rows_is_an_error_naming_it(tmp_path):
+    data_dir = saved_sod(tmp_path / "sod")
+    entries = [{"name": "synthetic", "task": "sod", "num_samples": 4}, {"name": "disk", "data_dir": data_dir}]
+    script_args = SaliencyScriptArguments(datasets=entries, eval_datasets=[{**entries[1], "task": "sis"}])
+    with pytest.raises(ValueError, match=r"eval_datasets\[0\] \(disk \(sis\): .*\) has no rows"):
+        from cgpo_trl.pipeline import load_mixtures
+
+        load_mixtures(script_args, seed=0)
+    # Through the recipe: the run stops before anything is trained or saved.
+    out = tmp_path / "out"
+    entry = json.dumps([{"name": "disk", "data_dir": data_dir, "task": "cosod"}])
+    with pytest.raises(ValueError, match=r"datasets\[0\] \(disk \(cosod\): .*\) has no rows"):
+        load_script("sft_saliency").main(
+            [
+                "--config",
+                str(RECIPES / "saliency" / "demo_cpu_sft.yaml"),
+                "--datasets",
+                entry,
+                "--output_dir",
+                str(out),
+            ]
+        )
+    assert not (out / "model.safetensors").exists()
+
+
+def test_cache_files_stay_out_of_input_folders(tmp_path):
+    from cgpo_trl.data.benchmarks import save_benchmark
+    from cgpo_trl.data.synthetic import generate_synthetic
+
+    disk = saved_sod(tmp_path / "disk")
+    benchmark = tmp_path / "ecssd"
+    save_benchmark(generate_synthetic(task="sod", num_samples=3, image_size=56), "ecssd", benchmark)
+    before = {path: sorted(p.name for p in Path(path).rglob("*")) for path in (disk, benchmark)}
+    specs = [DatasetSpec(name="disk", data_dir=disk, task="sod"), DatasetSpec(name="ecssd", data_dir=str(benchmark))]
+    assert len(build_mixture(specs, instruction="short")) >= 3  # filter, map, cast
+    assert len(build_mixture(specs[:1], transform=to_sft_rows)) == 4
+    after = {path: sorted(p.name for p in Path(path).rglob("*")) for path in (disk, benchmark)}
+    assert after == before
+
+
 # ------------------------------------------------------------------------------------------------ data
 def test_mixture_follows_the_weights_without_repeating_rows():
     specs = [
@@ -233,6 +299,51 @@ def test_short_instruction_and_sft_rows():
         to_sft_rows(Dataset.from_dict({"prompt": [[], []], "images": [[], []], "solution": ["", ""]}))
 
 
+# ------------------------------------------------------------------------------------------------ output folders
+def test_output_dir_of_another_run_is_refused(tmp_path):
+    from cgpo_trl.pipeline import check_output_dir
+
+    out = tmp_path / "run"
+    (out / "checkpoint-9").mkdir(parents=True)
+    (out / "model.safetensors").write_bytes(b"previous run")
+    argv = ["--config", str(RECIPES / "saliency" / "demo_cpu_sft.yaml"), "--output_dir", str(out), *CPU]
+    with pytest.raises(FileExistsError, match=r"output_dir .*run already holds another run's model or checkpoints"):
+        build_sft_trainer(*parse_args(SFT_TYPES, argv))  # before any data is generated or model built
+    script_args, training_args, _ = parse_args(SFT_TYPES, [*argv, "--resume_from_checkpoint", "true"])
+    assert check_output_dir(script_args, training_args) == []
+    script_args, training_args, _ = parse_args(SFT_TYPES, [*argv, "--overwrite_output_dir", "true"])
+    assert check_output_dir(script_args, training_args) == ["checkpoint-9"]
+    assert (out / "model.safetensors").read_bytes() == b"previous run"  # nothing deleted until training starts
+
+
+@pytest.mark.slow
+def test_overwrite_replaces_the_previous_run(tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoint-9").mkdir(parents=True)
+    (out / "checkpoint-9" / "trainer_state.json").write_text("{}")
+    (out / "model.safetensors").write_bytes(b"previous run")
+    load_script("sft_saliency").main(
+        [
+            "--config",
+            str(RECIPES / "saliency" / "demo_cpu_sft.yaml"),
+            "--datasets",
+            '[{"name": "synthetic", "task": "sod", "num_samples": 4}]',
+            "--max_steps",
+            "1",
+            "--per_device_train_batch_size",
+            "4",
+            "--output_dir",
+            str(out),
+            "--overwrite_output_dir",
+            "true",
+            *CPU,
+        ]
+    )
+    assert not (out / "checkpoint-9").exists()  # a later resume cannot pick up the previous run's checkpoint
+    assert (out / "model.safetensors").stat().st_size > 1000
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 1
+
+
 # ------------------------------------------------------------------------------------------------ GRPO swap
 def demo_args(tiny_checkpoint, out, *extra):
     datasets = '[{"name": "synthetic", "task": "sod", "num_samples": 32}]'
@@ -262,7 +373,7 @@ def test_grpo_swap_keeps_data_rewards_and_settings(tiny_checkpoint, tmp_path):
     cgpo = build_rl_trainer(script_args, training_args, model_args)
     script_args.trainer = "grpo"
     grpo = build_rl_trainer(script_args, training_args, model_args)
-    assert type(cgpo) is CGPOTrainer and type(grpo) is GRPOTrainer
+    assert type(cgpo) is CGPOTrainer and type(grpo) is ResumableGRPOTrainer
     assert type(grpo.args) is GRPOConfig
     for name in ("learning_rate", "max_completion_length", "temperature", "reward_weights", "num_generations", "seed"):
         assert getattr(grpo.args, name) == getattr(cgpo.args, name), name
@@ -373,6 +484,36 @@ def test_sft_recipe_trains_and_writes_the_model_card(tmp_path):
     assert "| train_loss |" in card
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3
+
+
+@pytest.mark.slow
+def test_reasoning_data_trains_with_the_sft_recipe(tmp_path):
+    """The documented stage-1 path: `python -m cgpo_trl.data.reasoning` output, `name: disk`, `instruction: short`."""
+    from cgpo_trl.data.reasoning import main as build_reasoning
+    from cgpo_trl.pipeline import SHORT_INSTRUCTIONS, load_mixtures
+
+    data = tmp_path / "reasoning"
+    build_reasoning(["--dataset", "synthetic-sod", "--num_samples", "6", "--teacher", "template", "--out", str(data)])
+    config = yaml.safe_load((RECIPES / "saliency" / "demo_cpu_sft.yaml").read_text())
+    config.update(
+        datasets=[{"name": "disk", "data_dir": str(data)}],
+        instruction="short",
+        max_steps=2,
+        per_device_train_batch_size=3,
+        output_dir=str(tmp_path / "sft"),
+    )
+    path = write_yaml(tmp_path, config)
+    load_script("sft_saliency").main(["--config", str(path), *CPU])
+    assert (tmp_path / "sft" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "sft" / "trainer_state.json").read_text())["global_step"] == 2
+    # What it trained on: the short instruction with the image, then the builder's reasoning and answer.
+    script_args, _, _ = parse_args(SFT_TYPES, ["--config", str(path)])
+    rows, _ = load_mixtures(script_args, seed=0, transform=to_sft_rows)
+    user = rows[0]["prompt"][0]["content"]
+    assert [b["text"] for b in user if b["type"] == "text"] == [SHORT_INSTRUCTIONS["sod"]]
+    assert [b["type"] for b in user].count("image") == 1 and len(rows[0]["images"]) == 1
+    answer = rows[0]["completion"][0]["content"][0]["text"]
+    assert answer.startswith("<think>") and "</think><answer><rg>" in answer
 
 
 @pytest.mark.slow

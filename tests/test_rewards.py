@@ -210,7 +210,7 @@ def test_saliency_reward_mixed_batch_hand_computed_with_one_segmenter_call():
     rewards = reward([None] * 5, completions, log_metric=logged.__setitem__, **columns)
     assert rewards == pytest.approx([0.5, 0.5, 1.0, 0.0, 0.0])
     assert segmenter.calls == [["top half", "top left", "top left", "top left"]]
-    assert logged == {"saliency/segmenter_failures": 0.0, "saliency/malformed": pytest.approx(2 / 5)}
+    assert logged["saliency/segmenter_failures"] == 0.0 and logged["saliency/malformed"] == pytest.approx(2 / 5)
 
 
 def test_single_task_rewards_return_none_on_other_tasks():
@@ -327,3 +327,77 @@ def test_saliency_reward_with_shapes_segmenter_on_a_drawn_scene():
 def test_undecoded_images_are_a_data_error_not_a_segmenter_failure():
     with pytest.raises(TypeError, match="row 0: `images` must hold PIL images"):
         SODReward(TableSegmenter(TABLE))([None], [_answer("rg", "a")], images=[[{"bytes": b""}]], masks=[[None]])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bad segmenter output, empty ground truth, group size
+
+
+def test_a_nan_mask_costs_its_row_not_the_step():
+    """pysodmetrics raises on a NaN mask; the segmenter contract turns it into a failure of that row alone."""
+    table = {**TABLE, "nan": np.full((H, W), np.nan, np.float32)}
+    logged = {}
+    rewards = SODReward(TableSegmenter(table), metric="iou")(
+        [None] * 3,
+        [_answer("rg", "top left"), _answer("rg", "nan"), _answer("rg", "top half")],
+        images=[[IMAGE]] * 3,
+        masks=[[_gt_image(TABLE["top left"])]] * 3,
+        log_metric=logged.__setitem__,
+    )
+    assert rewards == pytest.approx([1.0, 0.0, 0.5])
+    assert logged["sod/segmenter_failures"] == 1.0
+
+
+def test_a_broken_segmenter_stops_the_run_after_consecutive_failing_calls():
+    reward = SODReward(TableSegmenter(TABLE), metric="iou", max_failure_rate=0.5, max_failed_calls=2)
+    columns = dict(images=[[IMAGE]] * 2, masks=[[_gt_image(TABLE["top left"])]] * 2)
+    broken = [_answer("rg", "boom"), _answer("rg", "boom")]
+    healthy = [_answer("rg", "top left"), _answer("rg", "boom")]  # 1 of 2 rows fails: not above the rate
+    assert reward([None] * 2, broken, **columns) == [0.0, 0.0]
+    assert reward([None] * 2, healthy, **columns) == pytest.approx([1.0, 0.0])  # resets the count
+    assert reward([None] * 2, broken, **columns) == [0.0, 0.0]
+    with pytest.raises(RuntimeError, match=r"segmenter 'table' failed on more than 50% .* last 2 calls .*exploded"):
+        reward([None] * 2, broken, **columns)
+    with pytest.raises(ValueError, match="max_failure_rate"):
+        SODReward(TableSegmenter(TABLE), max_failure_rate=1.0)
+
+
+def test_nothing_is_salient_has_a_right_answer():
+    """An empty <answer></answer> is well-formed; it scores 1 on an empty ground truth and 0 elsewhere, and any
+    expression on an empty ground truth is a false positive."""
+    from cgpo_trl.saliency.rewards import NO_EXPRESSION, read_answer
+    from cgpo_trl.saliency.tags import parse_answer
+
+    empty = "<think>nothing stands out</think><answer></answer>"
+    assert parse_answer(empty, task="sis").problems == [NO_EXPRESSION]  # the problem read_answer lifts
+    assert read_answer(empty, "sis").ok and not read_answer("<think>x</think><answer><ins></ins></answer>", "sis").ok
+    assert FormatReward(eos_token_ids=[7])([None], [empty], completion_ids=[[1, 7]], task=["sis"]) == [1.0]
+    segmenter = TableSegmenter(TABLE)
+    blank = np.zeros((H, W), np.float32)
+    rewards = SaliencyReward(segmenter, metric="iou")(
+        [None] * 6,
+        [empty, _answer("ins", "top left"), empty, empty, _answer("rg", "top left"), _answer("rg", "nothing")],
+        task=["sis", "sis", "sis", "sod", "sod", "sod"],
+        images=[[IMAGE]] * 6,
+        instances=[[], [], [_rle(TABLE["top left"])], [], [], []],
+        masks=[[], [], [], [_gt_image(blank)], [_gt_image(blank)], [_gt_image(blank)]],
+    )
+    # "nothing" segments to an empty mask: IoU of empty on empty is 1 (pysodmetrics alone gives 0)
+    assert rewards == [1.0, 0.0, 0.0, 1.0, 0.0, 1.0]
+    assert segmenter.calls == [["top left", "top left", "nothing"]]  # empty answers need no segmentation
+    assert instance_quality([], []) == 1.0 and instance_quality([TABLE["top left"]], []) == 0.0
+
+
+def test_cosod_rows_are_scored_on_at_most_max_group_size_images():
+    segmenter = TableSegmenter(TABLE)
+    group = [Image.new("RGB", (W, H), (k, k, k)) for k in range(10)]
+    gts = [_gt_image(TABLE["top left"] if k % 3 else TABLE["bottom right"]) for k in range(10)]
+    reward = CoSODReward(segmenter, metric="iou", max_group_size=4)
+    [value] = reward([None], [_answer("rg", "top left")], images=[group], masks=[gts])
+    assert segmenter.calls == [["top left"] * 4]
+    # images 0, 3, 6 and 9 are kept (evenly spaced): their masks are bottom right (0, 3, 6, 9 are multiples of 3)
+    assert value == pytest.approx(0.0)
+    [whole] = CoSODReward(segmenter, metric="iou", max_group_size=None)(
+        [None], [_answer("rg", "top left")], images=[group], masks=[gts]
+    )
+    assert whole == pytest.approx(6 / 10)

@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -110,6 +112,19 @@ def test_cache_returns_copies_and_evicts_least_recently_used():
     assert (len(segmenter), segmenter.hits, segmenter.misses) == (0, 0, 0)
 
 
+def test_load_segmenter_passes_the_byte_cap_to_the_cache():
+    assert load_segmenter("test-left-half").max_bytes == 512 * 2**20  # the documented default
+    soft = 20 * 16 * 4  # "blobs" is a soft 20x16 mask, stored as float32
+    segmenter = load_segmenter("test-left-half", cache_size=8, cache_bytes=2 * soft)
+    segmenter.segment([_image(0), _image(1), _image(2)], ["blobs"] * 3)
+    assert (len(segmenter), segmenter.nbytes) == (2, 2 * soft)  # the byte cap, not the 8 entries, evicted image 0
+    segmenter.segment([_image(0)], ["blobs"])
+    assert segmenter.misses == 4
+    for bad in (0, -1, 2.5, "1GB", True):
+        with pytest.raises(ValueError, match=f"cache_bytes must be a positive integer .*got {re.escape(repr(bad))}"):
+            load_segmenter("test-left-half", cache_bytes=bad)
+
+
 def test_image_digest_depends_on_pixels_mode_and_size():
     assert image_digest(_image(3)) == image_digest(_image(3))
     assert image_digest(_image(3)) != image_digest(_image(4))
@@ -202,7 +217,9 @@ def test_shapes_region_mode_is_the_union_of_matching_components(shapes):
 def test_shapes_instance_mode_gives_one_mask_per_component(shapes):
     image, masks = _draw_scene(SCENE)
     [red, blue_square] = shapes.segment([image, image], ["the red shapes", "the blue square"], mode="instance")
-    assert blue_square == []
+    # No blue square: the best fit is every blue component (colour right, shape wrong), each scored 4 / 6.
+    assert [s for _, s in blue_square] == [4 / 6, 4 / 6]
+    np.testing.assert_array_equal(np.logical_or(*(m > 0.5 for m, _ in blue_square)), masks[2] | masks[3])
     got = sorted((m > 0.5 for m, _ in red), key=lambda m: np.argwhere(m)[0].tolist())
     want = sorted([masks[0], masks[1], masks[4]], key=lambda m: np.argwhere(m)[0].tolist())
     assert [s for _, s in red] == [1.0, 1.0, 1.0]
@@ -210,12 +227,48 @@ def test_shapes_instance_mode_gives_one_mask_per_component(shapes):
         np.testing.assert_array_equal(g, w)
 
 
-@pytest.mark.parametrize("expression", ["the dog", "", "a green triangle", "the cyan circle"])
-def test_shapes_unknown_or_absent_objects_give_an_empty_mask_and_zero_score(shapes, expression):
-    image, _ = _draw_scene(SCENE)
+@pytest.mark.parametrize("expression", ["the dog", "", "the green object", "the cyan one"])
+def test_shapes_expressions_that_fit_nothing_give_an_empty_mask_and_zero_score(shapes, expression):
+    image, _ = _draw_scene(SCENE)  # red and blue objects only
     [(mask, score)] = shapes.segment([image], [expression])
     assert score == 0.0 and not mask.any()
     assert shapes.segment([image], [expression], mode="instance") == [[]]
+
+
+@pytest.mark.parametrize("expression", ["the dog", "", "a green triangle", "the cyan circle", "the red triangle"])
+def test_strict_shapes_gives_an_empty_mask_unless_every_word_fits(expression):
+    image, _ = _draw_scene(SCENE)
+    strict = load_segmenter("shapes", strict=True, cache_size=None)
+    [(mask, score)] = strict.segment([image], [expression])
+    assert score == 0.0 and not mask.any()
+    assert strict.segment([image], [expression], mode="instance") == [[]]
+
+
+def test_shapes_returns_the_best_fitting_object_with_its_fit_as_score(shapes):
+    image, [pink_square, blue_circle] = _draw_scene(
+        [("pink", "square", (20, 20), 8, 0.1), ("blue", "circle", (20, 60), 10, 0.0)]  # areas ~130 and ~320 px
+    )
+    expressions = ["the pink circle", "the green circle", "the pink square", "the small pink circle"]
+    results = shapes.segment([image] * len(expressions), expressions)
+    # colour (4) outranks shape (2), which outranks size (1); score = matched weight / named weight
+    expected = [(pink_square, 4 / 6), (blue_circle, 2 / 6), (pink_square, 1.0), (pink_square, 5 / 7)]
+    for (got, score), (want, want_score), expression in zip(results, expected, expressions):
+        assert score == pytest.approx(want_score), expression
+        np.testing.assert_array_equal(got > 0.5, want, err_msg=expression)
+    strict = load_segmenter("shapes", strict=True, cache_size=None)
+    [(mask, score)] = strict.segment([image], ["the pink circle"])
+    assert score == 0.0 and not mask.any()
+
+
+def test_shapes_ties_return_every_best_fit_and_size_words_use_every_component(shapes):
+    image, masks = _draw_scene(SCENE)
+    expressions = ["the large red object", "the large purple circle", "the small star"]
+    results = shapes.segment([image] * len(expressions), expressions)
+    # areas: small red circle ~80 px, the rest 150-260 px: the only gap >= 1.5 puts it alone on the small side
+    expected = [(masks[0] | masks[1], 1.0), (masks[0], 3 / 7), (masks[3], 2 / 3)]
+    for (got, score), (want, want_score), expression in zip(results, expected, expressions):
+        assert score == pytest.approx(want_score), expression
+        np.testing.assert_array_equal(got > 0.5, want, err_msg=expression)
 
 
 def test_shapes_size_words_keep_everything_when_sizes_are_alike(shapes):

@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cgpo_trl.saliency.tags import TagLimits, format_answer, parse_answer
+from cgpo_trl.saliency.tags import NO_EXPRESSION, TagLimits, format_answer, parse_answer
 
 WELL_FORMED = "<think>a red circle stands out</think><answer><rg>the red circle</rg></answer>"
 
@@ -56,6 +56,23 @@ def test_reports_each_kind_of_problem(text, task, problem):
     assert problem in parsed.problems
 
 
+@pytest.mark.parametrize("task", ["sod", "sis", "cosod", None])
+def test_allow_empty_accepts_an_answer_without_expressions_and_nothing_else(task):
+    for empty in ("<think>nothing stands out</think><answer></answer>", "<answer>\n </answer>\n"):
+        assert parse_answer(empty, task=task).problems == [NO_EXPRESSION]
+        parsed = parse_answer(empty, task=task, allow_empty=True)
+        assert parsed.ok and parsed.regions == parsed.instances == []
+    assert parse_answer("<think>x</think><answer></answer>", allow_empty=True).think == "x"
+    # Only the missing expression is forgiven: empty tags, stray text, an unclosed answer stay problems.
+    for text, problem in [
+        ("<answer><rg> </rg></answer>", "empty <rg>"),
+        ("<answer>nothing</answer>", "text inside <answer> outside <rg>/<ins>"),
+        ("<answer>", "unclosed <answer>"),
+        ("<think>x</think>", "missing <answer>"),
+    ]:
+        assert parse_answer(text, task=task, allow_empty=True).problems == [problem]
+
+
 def test_nested_expressions_are_not_returned():
     parsed = parse_answer("<answer><rg>a<rg>b</rg></rg></answer>")
     assert parsed.regions == []
@@ -105,13 +122,14 @@ _expression = _text.map(str.strip).filter(bool).filter(lambda s: len(s) <= 200)
 @settings(max_examples=200, deadline=None)
 @given(
     think=st.one_of(st.none(), _text.map(str.strip)),
-    expressions=st.lists(_expression, min_size=1, max_size=6),
+    expressions=st.lists(_expression, min_size=0, max_size=6),
     tag=st.sampled_from(["rg", "ins"]),
 )
 def test_round_trip(think, expressions, tag):
+    """Exact on every well-formed answer, the empty one ("nothing is salient") included when it is allowed."""
     regions, instances = (expressions, []) if tag == "rg" else ([], expressions)
     text = format_answer(think, regions, instances)
-    parsed = parse_answer(text, task="sod" if tag == "rg" else "sis")
+    parsed = parse_answer(text, task="sod" if tag == "rg" else "sis", allow_empty=True)
     assert parsed.ok, parsed.problems
     assert (parsed.think, parsed.regions, parsed.instances) == (think, regions, instances)
     assert format_answer(parsed.think, parsed.regions, parsed.instances) == text
@@ -135,3 +153,6 @@ def test_adversarial_strings_never_raise(pieces, task):
     assert parsed.ok == (not parsed.problems)
     if task is not None and parsed.ok:
         assert parsed.instances if task == "sis" else parsed.regions
+    relaxed = parse_answer("".join(pieces), task=task, limits=limits, allow_empty=True)
+    assert relaxed.problems == [p for p in parsed.problems if p != NO_EXPRESSION]
+    assert (relaxed.think, relaxed.regions, relaxed.instances) == (parsed.think, parsed.regions, parsed.instances)

@@ -2,11 +2,13 @@
 
 `load_benchmark(name, data_dir)` returns rows with the contract columns (`cgpo_trl.data.rows.ROW_FEATURES`).
 Images and masks stay file paths cast to `datasets.Image` (RGB / L), decoded only when a row is read, so a set of
-10k images loads in seconds and never sits in RAM decoded. While loading, every file's header is read (no pixel
-decoding) to check that it opens and that each mask matches its image's size and has a mask mode.
+10k images never sits in RAM decoded. While loading, every file is decoded once (about 3 ms per 400x300 image and
+mask, docs/evaluation.md) so that an unreadable, empty or truncated file, or a mask whose size differs from its
+image, is an error naming the file here rather than a crash in the middle of training.
 
 Accepted layouts (`data_dir` is the dataset's folder, or its parent holding the folder named below; folder names
-match case-insensitively; images are .jpg/.jpeg/.png/.bmp/.tif, masks .png/.bmp/.jpg/.tif, paired by file stem):
+match case-insensitively; images are .jpg/.jpeg/.png/.bmp/.tif, masks .png/.bmp/.jpg/.tif, paired by file stem;
+docs/evaluation.md draws each tree):
 
 | name | folder | image dir, mask dir (first = published release, then the toolbox variants) |
 |---|---|---|
@@ -16,12 +18,34 @@ match case-insensitively; images are .jpg/.jpeg/.png/.bmp/.tif, masks .png/.bmp/
 | pascal-s | PASCAL-S | `datasets/imgs/pascal`, `datasets/masks/pascal` |
 | dut-omron | DUT-OMRON | `DUT-OMRON-image`, `pixelwiseGT-new-PNG` |
 | every SOD set | | also `Image`+`Mask`, `Imgs`+`GT`, `images`+`masks`, `im`+`gt` |
-| coca / cosal2015 / cosod3k | CoCA / CoSal2015 / CoSOD3k | `Image/<group>`, `GroundTruth/<group>`; also `image`+`binary` (CoCA release), `images/<Name>`+`gts/<Name>` (GCoNet-style test root), `img`+`gt` |
-| ilso / soc / sis10k | ILSO / SOC / SIS10K | one split folder: a COCO instances JSON (the only `*.json` there, or `annotations=`) and `imgs` / `Imgs` / `Image` / `images` |
+| coca / cosal2015 / cosod3k | CoCA / CoSal2015 / CoSOD3k | `Image/<group>`, `GroundTruth/<group>`; also `image`+`binary` (CoCA release), `Image`+`GT`, `images/<Name>`+`gts/<Name>` (GCoNet-style test root), `img`+`gt` |
+| ilso / soc / sis10k | ILSO / SOC / SIS10K | a COCO instances JSON and its image folder (see below), or ILSO's release: `imgs/` + `gt/` instance masks |
+
+SIS sets (`layout="coco"` or `"indexed"`; detected when not given):
+
+- **COCO JSON** (RDPNet, OQTR, SIS10K and the like). The annotation file is `annotations=`, else the `*.json` of
+  the split: inside a `<split>/` folder, or in the dataset folder with the split in its name (`test.json`,
+  `SOC_test600.json`, `test300.json`, `gttrain600.json`). With `split` given, a folder holding only another split's
+  JSON is an error (never silently the test set); without it, one JSON is used and several are an error. The image
+  folder is the one next to the JSON (or inside `<split>/`) that holds the files the JSON lists: `imgs`, `Imgs`,
+  `Image`, `images`, `<split>/images`, `test300`, `imgtrain600`, ... A `file_name` must stay inside that folder
+  (no absolute path, no `..`).
+- **Indexed instance masks** (ILSO's release): `imgs/<stem>.jpg` and `gt/<stem>.png`, where every non-zero value
+  of the PNG (palette index or grey level) is one instance, as ILSO's own evaluation code reads them. A `split` picks
+  the image list `ImageSets/<split>*.txt` (e.g. `test_id_1000.txt`); with `split` and no matching list, it is an
+  error.
 
 SIS annotations may be polygons, uncompressed or compressed RLE; they become compressed RLE in `instances`
-(category and `iscrowd` are ignored: salient instances are class-agnostic). Real rows have no reference answer:
-`solution` is "" (the output-to-reasoning builder writes one).
+(category and `iscrowd` are ignored: salient instances are class-agnostic). An image without instances (SOC's
+non-salient images) is a row with empty `instances`. Real rows have no reference answer: `solution` is "" (the
+output-to-reasoning builder writes one).
+
+CoSOD groups larger than `max_group_size` (default 16) become several rows of the same `group`, split into nearly
+equal consecutive chunks, so no prompt carries more images than that; every image is still predicted and scored.
+
+JPEG orientation: a JPEG whose EXIF tag would rotate or flip it is read as stored (its pixel array as in the file),
+which is what the masks and COCO sizes of these benchmarks were drawn on; when the mask (or the JSON size) matches
+only the rotated size, the rotation is applied. Either way image and mask line up.
 
 `save_benchmark(dataset, name, data_dir)` writes rows in the first (published) layout of `name`, so the loaders
 and the evaluation CLI can be tested end to end on synthetic data.
@@ -29,29 +53,38 @@ and the evaluation CLI can be tested end to end on synthetic data.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 from datasets import Dataset
 from PIL import Image, UnidentifiedImageError
 
 from ..saliency.prompts import build_prompt
-from .rows import ROW_FEATURES, annotation_to_rle, decode_instance
+from .rows import ROW_FEATURES, annotation_to_rle, check_name, decode_instance, encode_instances
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 MASK_EXTENSIONS = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff")
+INSTANCE_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")
 IMAGE_MODES = ("RGB", "L", "P", "RGBA", "CMYK", "LA", "1", "YCbCr")
 """Image modes that convert to RGB without losing meaning (16-bit and float images are refused)."""
 MASK_MODES = ("1", "L", "P", "LA", "RGB")
 """Mask modes accepted (read as L, 8-bit grey: RGB masks are the grey masks some releases store as colour)."""
+INSTANCE_MODES = ("P", "L", "1", "I;16", "I")
+"""Modes of indexed instance masks: the pixel value is the instance label."""
+SIS_LAYOUTS = ("coco", "indexed")
+DEFAULT_MAX_GROUP_SIZE = 16
+ORIENTATION_TAG = 0x0112  # EXIF orientation; values 5-8 swap width and height
 
 _GENERIC_SOD = (("Image", "Mask"), ("Imgs", "GT"), ("images", "masks"), ("im", "gt"))
-_SIS_IMAGE_DIRS = ("imgs", "Imgs", "Image", "images", "JPEGImages")
+_SIS_IMAGE_DIRS = ("imgs", "Imgs", "Image", "images", "JPEGImages", "img")
+_INSTANCE_DIRS = ("gt", "instance_gt", "instances")
 
 
 class BenchmarkError(ValueError):
@@ -71,7 +104,13 @@ class BenchmarkSpec:
 
 
 def _cosod_layouts(folder: str) -> tuple[tuple[str, str], ...]:
-    return (("Image", "GroundTruth"), ("image", "binary"), (f"images/{folder}", f"gts/{folder}"), ("img", "gt"))
+    return (
+        ("Image", "GroundTruth"),
+        ("image", "binary"),
+        ("Image", "GT"),
+        (f"images/{folder}", f"gts/{folder}"),
+        ("img", "gt"),
+    )
 
 
 BENCHMARKS: dict[str, BenchmarkSpec] = {
@@ -146,10 +185,15 @@ def _resolve(root: Path, relative: str) -> Path | None:
     return path
 
 
+def _dir(root: Path, relative: str) -> Path | None:
+    found = _resolve(root, relative)
+    return found if found is not None and found.is_dir() else None
+
+
 def _dataset_roots(spec: BenchmarkSpec, data_dir: Path) -> list[Path]:
     roots = [data_dir]
-    nested = _child(data_dir, spec.folder)
-    if nested is not None and nested.is_dir():
+    nested = _dir(data_dir, spec.folder)
+    if nested is not None:
         roots.append(nested)
     return roots
 
@@ -169,16 +213,78 @@ def _files(folder: Path, extensions: tuple[str, ...]) -> dict[str, Path]:
     return found
 
 
-def _header(path: Path, modes: tuple[str, ...], kind: str) -> tuple[int, int]:
-    """Open `path` without decoding pixels; return its (width, height) or raise naming the file."""
+def _subdirs(folder: Path) -> dict[str, Path]:
+    return {
+        e.name: Path(e.path)
+        for e in sorted(os.scandir(folder), key=lambda e: e.name)
+        if e.is_dir() and not e.name.startswith(".")
+    }
+
+
+@dataclass(frozen=True)
+class _ImageInfo:
+    """What loading needs to know of a file it has decoded once: its stored size and EXIF orientation."""
+
+    path: Path
+    size: tuple[int, int]  # (width, height) as stored
+    orientation: int | None
+    labels: np.ndarray | None = None  # the pixel values, for indexed instance masks
+
+    @property
+    def decoded_size(self) -> tuple[int, int]:
+        """The size `datasets` decodes it to: it applies the EXIF orientation."""
+        return self.size[::-1] if self.orientation in (5, 6, 7, 8) else self.size
+
+
+def _inspect(path: Path, modes: tuple[str, ...], kind: str, keep_pixels: bool = False) -> _ImageInfo:
+    """Decode `path` fully (a truncated file fails here, not in training) and check its mode; raise naming it."""
     try:
+        if path.stat().st_size == 0:
+            raise BenchmarkError(f"unreadable {kind} {path}: the file is empty (0 bytes)")
         with Image.open(path) as image:
-            size, mode = image.size, image.mode
-    except (UnidentifiedImageError, OSError, ValueError) as error:
+            if image.mode not in modes:
+                raise BenchmarkError(f"{kind} {path} has mode {image.mode!r}; expected one of {list(modes)}")
+            image.load()  # before reading EXIF: a PNG may store it after the pixels, and datasets reads it here too
+            orientation = image.getexif().get(ORIENTATION_TAG)
+            labels = np.asarray(image) if keep_pixels else None
+            return _ImageInfo(path, image.size, orientation, labels)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        if isinstance(error, BenchmarkError):
+            raise
         raise BenchmarkError(f"unreadable {kind} {path}: {error}") from None
-    if mode not in modes:
-        raise BenchmarkError(f"{kind} {path} has mode {mode!r}; expected one of {list(modes)}")
-    return size
+
+
+def _inspect_many(jobs: list[tuple[Path, tuple[str, ...], str, bool]]) -> list[_ImageInfo | BenchmarkError]:
+    """`_inspect` every job in threads (decoding releases the GIL); errors are returned in place, in order."""
+
+    def run(job):
+        try:
+            return _inspect(*job)
+        except BenchmarkError as error:
+            return error
+
+    workers = min(8, os.cpu_count() or 1, max(1, len(jobs) // 64))
+    if workers == 1:
+        return [run(job) for job in jobs]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(run, jobs, chunksize=16))
+
+
+def _image_entry(info: _ImageInfo, target: tuple[int, int], mismatch: str) -> dict:
+    """The Arrow value of an image that must decode to `target` (width, height): its path, or, for a JPEG whose
+    EXIF orientation would turn it away from its annotation, its stored pixels (PNG bytes, path kept)."""
+    if info.orientation not in (None, 1) and info.size == target:
+        with Image.open(info.path) as image:
+            buffer = io.BytesIO()
+            image.convert("RGB").save(buffer, format="PNG")  # no EXIF travels with the PNG: decoded as stored
+        return {"bytes": buffer.getvalue(), "path": str(info.path)}
+    if info.decoded_size == target:
+        return {"bytes": None, "path": str(info.path)}
+    raise BenchmarkError(mismatch)
+
+
+def _size(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"
 
 
 class _Problems:
@@ -192,9 +298,9 @@ class _Problems:
             raise BenchmarkError(message)
         self.messages.append(message)
 
-    def guard(self, check: Callable[[], object]) -> object | None:
+    def guard(self, check: Callable[..., object], *args) -> object | None:
         try:
-            return check()
+            return check(*args)
         except BenchmarkError as error:
             self.report(str(error))
             return None
@@ -209,22 +315,39 @@ class _Problems:
         return len(self.messages)
 
 
+def _to_dataset(columns: dict[str, list]) -> Dataset:
+    """Contract rows from columns whose images / masks are `{"bytes", "path"}` entries.
+
+    Built from an Arrow table directly: `Dataset.from_dict` would drop the bytes of an entry whose path exists."""
+    import pyarrow as pa
+    from datasets import DatasetInfo
+    from datasets.table import InMemoryTable
+
+    table = pa.Table.from_pydict(columns, schema=ROW_FEATURES.arrow_schema)
+    return Dataset(InMemoryTable(table), info=DatasetInfo(features=ROW_FEATURES))
+
+
+def _path_entry(path: Path) -> dict:
+    return {"bytes": None, "path": str(path)}
+
+
 # ------------------------------------------------------------------------------------------------------ loaders
 
 
-def _find_pair_layout(spec: BenchmarkSpec, data_dir: Path) -> tuple[Path, Path]:
-    for root in _dataset_roots(spec, data_dir):
+def _find_pair_layout(spec: BenchmarkSpec, roots: list[Path]) -> tuple[Path, Path]:
+    for root in roots:
         for image_dir, mask_dir in spec.layouts:
-            images, masks = _resolve(root, image_dir), _resolve(root, mask_dir)
-            if images is not None and masks is not None and images.is_dir() and masks.is_dir():
+            images, masks = _dir(root, image_dir), _dir(root, mask_dir)
+            if images is not None and masks is not None:
                 return images, masks
     tried = ", ".join(f"{i}/ + {m}/" for i, m in spec.layouts)
-    raise BenchmarkError(f"{spec.name}: no known layout under {data_dir} (tried {tried}, also inside {spec.folder}/)")
+    raise BenchmarkError(f"{spec.name}: no known layout under {roots[0]} (tried {tried}, also inside {spec.folder}/)")
 
 
-def _pair_files(image_dir: Path, mask_dir: Path, problems: _Problems) -> list[tuple[Path, Path]]:
+def _pair_files(image_dir: Path, mask_dir: Path, problems: _Problems, extensions=MASK_EXTENSIONS):
+    """(image, mask) paths paired by stem; an unpaired file is a problem naming it."""
     images = _files(image_dir, IMAGE_EXTENSIONS)
-    masks = _files(mask_dir, MASK_EXTENSIONS)
+    masks = _files(mask_dir, extensions)
     for stem in sorted(set(masks) - set(images)):
         problems.report(f"mask {masks[stem]} has no image named {stem}.* in {image_dir}")
     pairs = []
@@ -232,50 +355,61 @@ def _pair_files(image_dir: Path, mask_dir: Path, problems: _Problems) -> list[tu
         if stem not in masks:
             problems.report(f"image {image} has no mask named {stem}.* in {mask_dir}")
             continue
-
-        def check(image=image, mask=masks[stem]):
-            image_size = _header(image, IMAGE_MODES, "image")
-            mask_size = _header(mask, MASK_MODES, "mask")
-            if mask_size != image_size:
-                raise BenchmarkError(
-                    f"mask {mask} is {mask_size[0]}x{mask_size[1]} but image {image} is {image_size[0]}x{image_size[1]}"
-                )
-            return image, mask
-
-        pair = problems.guard(check)
-        if pair is not None:
-            pairs.append(pair)
+        pairs.append((image, masks[stem]))
     return pairs
 
 
-def _load_sod(spec: BenchmarkSpec, data_dir: Path, problems: _Problems) -> dict[str, list]:
-    image_dir, mask_dir = _find_pair_layout(spec, data_dir)
-    pairs = _pair_files(image_dir, mask_dir, problems)
+def _check_pairs(pairs: list[tuple[Path, Path]], problems: _Problems) -> list[tuple[dict, dict]]:
+    """Decode every image and mask; keep the pairs that open and line up, as Arrow entries."""
+    jobs = [
+        job
+        for image, mask in pairs
+        for job in ((image, IMAGE_MODES, "image", False), (mask, MASK_MODES, "mask", False))
+    ]
+    infos = _inspect_many(jobs)
+    kept = []
+    for (image, mask), image_info, mask_info in zip(pairs, infos[::2], infos[1::2]):
+        error = next((i for i in (image_info, mask_info) if isinstance(i, BenchmarkError)), None)
+        if error is not None:
+            problems.report(str(error))
+            continue
+        target = mask_info.decoded_size
+        mismatch = f"mask {mask} is {_size(target)} but image {image} is {_size(image_info.decoded_size)}"
+        entry = problems.guard(_image_entry, image_info, target, mismatch)
+        if entry is not None:
+            kept.append((entry, _path_entry(mask)))
+    return kept
+
+
+def _load_sod(spec: BenchmarkSpec, roots: list[Path], problems: _Problems) -> dict[str, list]:
+    image_dir, mask_dir = _find_pair_layout(spec, roots)
+    pairs = _check_pairs(_pair_files(image_dir, mask_dir, problems), problems)
     if not pairs:
         raise BenchmarkError(f"{spec.name}: no usable image/mask pairs in {image_dir} and {mask_dir}")
     prompt = build_prompt("sod", 1)
     n = len(pairs)
     return {
         "prompt": [prompt] * n,
-        "images": [[str(image)] for image, _ in pairs],
+        "images": [[image] for image, _ in pairs],
         "task": ["sod"] * n,
-        "masks": [[str(mask)] for _, mask in pairs],
+        "masks": [[mask] for _, mask in pairs],
         "instances": [[] for _ in range(n)],
         "group": [""] * n,
         "solution": [""] * n,
     }
 
 
-def _subdirs(folder: Path) -> dict[str, Path]:
-    return {
-        e.name: Path(e.path)
-        for e in sorted(os.scandir(folder), key=lambda e: e.name)
-        if e.is_dir() and not e.name.startswith(".")
-    }
+def _chunks(items: list, max_size: int | None) -> list[list]:
+    """`items` in nearly equal consecutive chunks of at most `max_size` (all of them when None)."""
+    if max_size is None or len(items) <= max_size:
+        return [items]
+    count = -(-len(items) // max_size)
+    bounds = np.linspace(0, len(items), count + 1).round().astype(int)
+    return [items[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def _load_cosod(spec: BenchmarkSpec, data_dir: Path, problems: _Problems) -> dict[str, list]:
-    image_root, mask_root = _find_pair_layout(spec, data_dir)
+def _load_cosod(spec: BenchmarkSpec, roots: list[Path], problems: _Problems, max_group_size) -> dict[str, list]:
+    image_root, mask_root = _find_pair_layout(spec, roots)
     image_groups, mask_groups = _subdirs(image_root), _subdirs(mask_root)
     if not image_groups:
         raise BenchmarkError(f"{spec.name}: no group folders in {image_root}")
@@ -286,47 +420,132 @@ def _load_cosod(spec: BenchmarkSpec, data_dir: Path, problems: _Problems) -> dic
         if name not in mask_groups:
             problems.report(f"image group {folder} has no ground-truth group {mask_root / name}")
             continue
-        pairs = _pair_files(folder, mask_groups[name], problems)
+        pairs = _check_pairs(_pair_files(folder, mask_groups[name], problems), problems)
         if not pairs:
             problems.report(f"empty group {folder}: no usable image/mask pairs")
             continue
-        columns["prompt"].append(build_prompt("cosod", len(pairs)))
-        columns["images"].append([str(image) for image, _ in pairs])
-        columns["task"].append("cosod")
-        columns["masks"].append([str(mask) for _, mask in pairs])
-        columns["instances"].append([])
-        columns["group"].append(name)
-        columns["solution"].append("")
+        for chunk in _chunks(pairs, max_group_size):
+            columns["prompt"].append(build_prompt("cosod", len(chunk)))
+            columns["images"].append([image for image, _ in chunk])
+            columns["task"].append("cosod")
+            columns["masks"].append([mask for _, mask in chunk])
+            columns["instances"].append([])
+            columns["group"].append(name)
+            columns["solution"].append("")
     if not columns["group"]:
         raise BenchmarkError(f"{spec.name}: no usable groups in {image_root}")
     return columns
 
 
-def _find_annotations(
-    spec: BenchmarkSpec, data_dir: Path, annotations: str | os.PathLike | None, split: str | None = None
-) -> Path:
-    if annotations is not None:
-        path = Path(annotations)
-        if not path.is_file():
-            raise BenchmarkError(f"{spec.name}: annotation file {path} does not exist")
-        return path
-    for root in _dataset_roots(spec, data_dir):
-        found = sorted(p for p in root.glob("*.json") if p.is_file())
-        if len(found) > 1 and split:
-            found = [p for p in found if split.lower() in p.name.lower()] or found
-        if len(found) == 1:
-            return found[0]
+def _sis_columns(rows: Iterable[tuple[dict, list[dict]]]) -> dict[str, list]:
+    columns: dict[str, list] = {name: [] for name in ROW_FEATURES}
+    prompt = build_prompt("sis", 1)
+    for image, instances in rows:
+        columns["prompt"].append(prompt)
+        columns["images"].append([image])
+        columns["task"].append("sis")
+        columns["masks"].append([])
+        columns["instances"].append(instances)
+        columns["group"].append("")
+        columns["solution"].append("")
+    return columns
+
+
+def _split_roots(bases: list[Path], split: str | None) -> tuple[list[Path], list[Path]]:
+    """(folders that are the split itself, the dataset folders): `data_dir/<split>` or a data_dir named so."""
+    split_roots, plain_roots = [], []
+    for base in bases:
+        if split and base.name.lower() == split.lower():
+            split_roots.append(base)
+            continue
+        folder = _dir(base, split) if split else None
+        if folder is not None:
+            split_roots.append(folder)
+        plain_roots.append(base)
+    return split_roots, plain_roots
+
+
+def _jsons(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("*.json") if p.is_file() and not p.name.startswith("."))
+
+
+def _find_annotations(spec: BenchmarkSpec, bases: list[Path], split: str | None) -> Path | None:
+    """The COCO JSON of `split` (see the module docstring), None when there is no JSON at all."""
+
+    def one(found: list[Path], root: Path) -> Path:
         if len(found) > 1:
-            raise BenchmarkError(
-                f"{spec.name}: several JSON files in {root} ({[p.name for p in found]}); pass annotations="
-            )
-    raise BenchmarkError(f"{spec.name}: no COCO annotation *.json in {data_dir}; pass annotations=")
+            hint = "pass annotations=" if split else "pass split= (e.g. 'test') or annotations="
+            raise BenchmarkError(f"{spec.name}: several JSON files in {root} ({[p.name for p in found]}); {hint}")
+        return found[0]
+
+    split_roots, plain_roots = _split_roots(bases, split)
+    for root in split_roots:
+        if found := _jsons(root):
+            return one(found, root)
+    others: list[Path] = []
+    for root in plain_roots:
+        found = _jsons(root)
+        if split:
+            matching = [p for p in found if split.lower() in p.stem.lower()]
+            others += [p for p in found if p not in matching]
+            found = matching
+        if found:
+            return one(found, root)
+    if others:
+        raise BenchmarkError(
+            f"{spec.name}: no annotation file for split {split!r} under {bases[0]}: found {[p.name for p in others]}, "
+            f"none named after the split and no {split}/ folder holding one. Pass the split those files hold "
+            "(e.g. split='test') or annotations="
+        )
+    return None
 
 
-def _load_sis(
-    spec: BenchmarkSpec, data_dir: Path, problems: _Problems, annotations=None, split=None
+def _relative_file(file_name: object, where: str) -> str:
+    """A COCO `file_name` that stays inside the image folder: relative, no `..`, no NUL."""
+    if not isinstance(file_name, str) or not file_name or "\0" in file_name:
+        raise BenchmarkError(f"{where}: file_name {file_name!r} is not a file name")
+    posix, windows = PurePosixPath(file_name), PureWindowsPath(file_name)
+    if posix.is_absolute() or windows.is_absolute() or windows.drive or ".." in posix.parts or ".." in windows.parts:
+        raise BenchmarkError(f"{where}: file_name {file_name!r} points outside the image folder")
+    return file_name
+
+
+def _find_coco_images(
+    spec: BenchmarkSpec, annotation_file: Path, file_names: list[str], bases: list[Path], split: str | None
+) -> Path:
+    """The folder that holds the files the JSON lists, searched next to the JSON, inside `<split>/` and in the
+    dataset folders: known image folder names first, then folders named after the split, then any other."""
+    probe = file_names[:5]
+    candidates: list[Path] = []
+    for root in dict.fromkeys((annotation_file.parent, *bases)):
+        split_dir = _dir(root, split) if split else None
+        if split_dir is not None:
+            candidates += [d for name in _SIS_IMAGE_DIRS if (d := _dir(split_dir, name)) is not None] + [split_dir]
+        candidates += [d for name in _SIS_IMAGE_DIRS if (d := _dir(root, name)) is not None]
+        subdirs = list(_subdirs(root).values())
+        if split:
+            subdirs.sort(key=lambda d: split.lower() not in d.name.lower())
+        for folder in subdirs:
+            candidates += [folder] + [d for name in _SIS_IMAGE_DIRS if (d := _dir(folder, name)) is not None]
+        candidates.append(root)
+    best, best_hits = None, 0
+    for folder in dict.fromkeys(candidates):
+        hits = sum((folder / name).is_file() for name in probe)
+        if hits > best_hits:
+            best, best_hits = folder, hits
+        if hits == len(probe):
+            break
+    if best is None:
+        raise BenchmarkError(
+            f"{spec.name}: no folder next to {annotation_file} holds the images it lists (e.g. {probe[0]!r}); "
+            f"expected one of {', '.join(_SIS_IMAGE_DIRS)} or a folder named after the split"
+        )
+    return best
+
+
+def _load_coco(
+    spec: BenchmarkSpec, annotation_file: Path, bases: list[Path], split: str | None, problems: _Problems
 ) -> dict[str, list]:
-    annotation_file = _find_annotations(spec, data_dir, annotations, split)
     try:
         coco = json.loads(annotation_file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -339,26 +558,28 @@ def _load_sis(
         raise BenchmarkError(
             f"{annotation_file} is not COCO instances JSON: it needs 'images' and 'annotations' lists"
         )
-    image_dir = None
-    for root in (annotation_file.parent, *_dataset_roots(spec, data_dir)):
-        for candidate in (spec.layouts[0][0], *_SIS_IMAGE_DIRS):
-            found = _resolve(root, candidate)
-            if found is not None and found.is_dir():
-                image_dir = found
-                break
-        if image_dir is not None:
-            break
-    if image_dir is None:
-        raise BenchmarkError(f"{spec.name}: no image folder ({', '.join(_SIS_IMAGE_DIRS)}) next to {annotation_file}")
-
-    records: dict[int, dict] = {}
+    if not coco["images"]:
+        raise BenchmarkError(f"{spec.name}: {annotation_file} lists no images")
+    records: dict[object, dict] = {}
+    seen_files: dict[str, object] = {}
     for position, record in enumerate(coco["images"]):
+        where = f"{annotation_file}: images[{position}]"
+        if not isinstance(record, dict):
+            raise BenchmarkError(f"{where} is not an object")
         missing = [k for k in ("id", "file_name", "height", "width") if k not in record]
         if missing:
-            raise BenchmarkError(f"{annotation_file}: images[{position}] lacks field(s) {missing}")
+            raise BenchmarkError(f"{where} lacks field(s) {missing}")
+        file_name = _relative_file(record["file_name"], where)
+        if record["id"] in records:
+            raise BenchmarkError(f"{where} repeats the image id {record['id']!r}")
+        if file_name in seen_files:
+            raise BenchmarkError(
+                f"{where}: file_name {file_name!r} is listed twice (ids {seen_files[file_name]!r} and {record['id']!r})"
+            )
+        seen_files[file_name] = record["id"]
         records[record["id"]] = {**record, "instances": [], "bad": False}
     for position, annotation in enumerate(coco["annotations"]):
-        if "image_id" not in annotation or "segmentation" not in annotation:
+        if not isinstance(annotation, dict) or "image_id" not in annotation or "segmentation" not in annotation:
             raise BenchmarkError(f"{annotation_file}: annotations[{position}] lacks 'image_id' or 'segmentation'")
         record = records.get(annotation["image_id"])
         if record is None:
@@ -376,35 +597,135 @@ def _load_sis(
             )
             record["bad"] = True
 
-    columns: dict[str, list] = {name: [] for name in ROW_FEATURES}
-    prompt = build_prompt("sis", 1)
-    for record in records.values():
-        if record["bad"]:
+    image_dir = _find_coco_images(spec, annotation_file, [r["file_name"] for r in records.values()], bases, split)
+    kept = [r for r in records.values() if not r["bad"]]
+    for record in kept:
+        if not (image_dir / record["file_name"]).is_file():
+            problems.report(f"image {image_dir / record['file_name']} listed in {annotation_file} does not exist")
+            record["bad"] = True
+    kept = [r for r in kept if not r["bad"]]
+    infos = _inspect_many([(image_dir / r["file_name"], IMAGE_MODES, "image", False) for r in kept])
+    rows = []
+    for record, info in zip(kept, infos):
+        if isinstance(info, BenchmarkError):
+            problems.report(str(info))
             continue
-        path = image_dir / record["file_name"]
-
-        def check(path=path, record=record):
-            if not path.is_file():
-                raise BenchmarkError(f"image {path} listed in {annotation_file} does not exist")
-            width, height = _header(path, IMAGE_MODES, "image")
-            if (width, height) != (int(record["width"]), int(record["height"])):
-                raise BenchmarkError(
-                    f"image {path} is {width}x{height} but {annotation_file} says {record['width']}x{record['height']}"
-                )
-            return path
-
-        if problems.guard(check) is None:
-            continue
-        columns["prompt"].append(prompt)
-        columns["images"].append([str(path)])
-        columns["task"].append("sis")
-        columns["masks"].append([])
-        columns["instances"].append(record["instances"])
-        columns["group"].append("")
-        columns["solution"].append("")
-    if not columns["images"]:
+        target = (int(record["width"]), int(record["height"]))
+        mismatch = (
+            f"image {info.path} is {_size(info.decoded_size)} but {annotation_file} says "
+            f"{record['width']}x{record['height']}"
+        )
+        entry = problems.guard(_image_entry, info, target, mismatch)
+        if entry is not None:
+            rows.append((entry, record["instances"]))
+    if not rows:
         raise BenchmarkError(f"{spec.name}: no usable images in {annotation_file}")
-    return columns
+    return _sis_columns(rows)
+
+
+def _find_indexed_layout(bases: list[Path]) -> tuple[Path, Path, Path] | None:
+    """(root, image dir, instance-mask dir) of ILSO's release layout, if present."""
+    for root in bases:
+        images = next((d for name in _SIS_IMAGE_DIRS if (d := _dir(root, name)) is not None), None)
+        masks = next((d for name in _INSTANCE_DIRS if (d := _dir(root, name)) is not None), None)
+        if images is not None and masks is not None:
+            return root, images, masks
+    return None
+
+
+def _image_list(spec: BenchmarkSpec, root: Path, split: str) -> list[str]:
+    """The stems listed for `split` in `root/ImageSets/`: `<split>.txt`, else the one list named after it."""
+    folder = _dir(root, "ImageSets")
+    lists = sorted(p for p in folder.glob("*.txt") if p.is_file()) if folder is not None else []
+    exact = [p for p in lists if p.stem.lower() == split.lower()]
+    matching = exact or [p for p in lists if split.lower() in p.stem.lower()]
+    if not matching:
+        found = f"found {[p.name for p in lists]}" if lists else "there is no ImageSets/ folder of .txt lists"
+        raise BenchmarkError(
+            f"{spec.name}: split {split!r} asked for, but no image list in {root / 'ImageSets'} is named after it "
+            f"({found}); leave split unset to load every image, or name a list"
+        )
+    if len(matching) > 1:
+        raise BenchmarkError(
+            f"{spec.name}: several image lists match split {split!r}: {[p.name for p in matching]}; pass the list's "
+            f"name as split (e.g. split={matching[0].stem!r})"
+        )
+    names = matching[0].read_text().split()
+    if not names:
+        raise BenchmarkError(f"{spec.name}: image list {matching[0]} is empty")
+    return names
+
+
+def _load_indexed(spec: BenchmarkSpec, bases: list[Path], split: str | None, problems: _Problems) -> dict[str, list]:
+    found = _find_indexed_layout(bases)
+    if found is None:
+        raise BenchmarkError(
+            f"{spec.name}: no indexed instance-mask layout under {bases[0]}: expected an image folder "
+            f"({', '.join(_SIS_IMAGE_DIRS)}) and an instance-mask folder ({', '.join(_INSTANCE_DIRS)})"
+        )
+    root, image_dir, mask_dir = found
+    if split:
+        images, masks = _files(image_dir, IMAGE_EXTENSIONS), _files(mask_dir, INSTANCE_EXTENSIONS)
+        pairs = []
+        for stem in _image_list(spec, root, split):
+            if stem not in images or stem not in masks:
+                where = image_dir if stem not in images else mask_dir
+                problems.report(f"{stem!r}, listed for split {split!r}, has no file {stem}.* in {where}")
+                continue
+            pairs.append((images[stem], masks[stem]))
+    else:
+        pairs = _pair_files(image_dir, mask_dir, problems, INSTANCE_EXTENSIONS)
+    jobs = [
+        j
+        for image, mask in pairs
+        for j in ((image, IMAGE_MODES, "image", False), (mask, INSTANCE_MODES, "instance mask", True))
+    ]
+    infos = _inspect_many(jobs)
+    rows = []
+    for (image, mask), image_info, mask_info in zip(pairs, infos[::2], infos[1::2]):
+        error = next((i for i in (image_info, mask_info) if isinstance(i, BenchmarkError)), None)
+        if error is not None:
+            problems.report(str(error))
+            continue
+        target = mask_info.size
+        mismatch = f"instance mask {mask} is {_size(target)} but image {image} is {_size(image_info.decoded_size)}"
+        entry = problems.guard(_image_entry, image_info, target, mismatch)
+        if entry is None:
+            continue
+        labels = mask_info.labels
+        instances = encode_instances([labels == value for value in np.unique(labels) if value != 0])
+        rows.append((entry, instances))
+    if not rows:
+        raise BenchmarkError(f"{spec.name}: no usable image / instance-mask pairs in {image_dir} and {mask_dir}")
+    return _sis_columns(rows)
+
+
+def _load_sis(
+    spec: BenchmarkSpec,
+    bases: list[Path],
+    problems: _Problems,
+    annotations: str | os.PathLike | None,
+    split: str | None,
+    layout: str | None,
+) -> dict[str, list]:
+    if annotations is not None:
+        if layout == "indexed":
+            raise BenchmarkError(f"{spec.name}: annotations= is a COCO JSON; it does not go with layout='indexed'")
+        path = Path(annotations)
+        if not path.is_file():
+            raise BenchmarkError(f"{spec.name}: annotation file {path} does not exist")
+        return _load_coco(spec, path, bases, split, problems)
+    if layout == "indexed":
+        return _load_indexed(spec, bases, split, problems)
+    annotation_file = _find_annotations(spec, bases, split)
+    if annotation_file is not None:
+        return _load_coco(spec, annotation_file, bases, split, problems)
+    if layout is None and _find_indexed_layout(bases) is not None:
+        return _load_indexed(spec, bases, split, problems)
+    raise BenchmarkError(
+        f"{spec.name}: no COCO annotation *.json under {bases[0]} (nor in {spec.folder}/ or a {split or '<split>'}/ "
+        f"folder){'' if layout else ' and no imgs/ + gt/ instance masks'}; pass annotations="
+    )
 
 
 def load_benchmark(
@@ -413,34 +734,43 @@ def load_benchmark(
     skip_bad: bool = False,
     annotations: str | os.PathLike | None = None,
     split: str | None = None,
+    layout: str | None = None,
+    max_group_size: int | None = DEFAULT_MAX_GROUP_SIZE,
 ) -> Dataset:
     """Load benchmark `name` (see `list_benchmarks()`) from `data_dir` into contract rows with lazy images.
 
-    Bad items (unpaired files, unreadable files, masks of the wrong size or mode, empty groups, bad annotations)
-    raise `BenchmarkError` naming the file; with `skip_bad=True` they are skipped and one warning gives the count.
-    `annotations` overrides the SIS annotation JSON. SOD and CoSOD sets name their split (`duts-tr` / `duts-te`), so
-    `split` only matters for SIS sets: a `<split>` subfolder of `data_dir` (e.g. `SOC/test`) is entered when it
-    exists, and among several JSON files the one whose name contains `split` is used.
+    Bad items (unpaired files, unreadable, empty or truncated files, masks of the wrong size or mode, empty groups,
+    bad annotations) raise `BenchmarkError` naming the file; with `skip_bad=True` they are skipped and one warning
+    gives the count. SOD and CoSOD sets name their split (`duts-tr` / `duts-te`), so `split` selects files only for
+    SIS sets (see the module docstring), where `annotations` overrides the JSON and `layout` ("coco" or "indexed")
+    the detection. `max_group_size` caps the images of one CoSOD row (None: whole groups).
     """
     spec = get_benchmark_spec(name)
     root = Path(data_dir)
     if not root.is_dir():
         raise BenchmarkError(f"{spec.name}: data_dir {root} is not a directory")
-    if spec.task == "sis" and split:
-        for base in _dataset_roots(spec, root):
-            folder = _child(base, split)
-            if folder is not None and folder.is_dir():
-                root = folder
-                break
+    if layout is not None and (spec.task != "sis" or layout not in SIS_LAYOUTS):
+        raise BenchmarkError(f"{spec.name}: layout must be one of {list(SIS_LAYOUTS)} for SIS sets, got {layout!r}")
+    if annotations is not None and spec.task != "sis":
+        raise BenchmarkError(f"{spec.name}: annotations= applies to SIS sets (COCO JSON), not to {spec.task}")
+    if max_group_size is not None and (
+        isinstance(max_group_size, bool) or not isinstance(max_group_size, int) or max_group_size < 1
+    ):
+        raise BenchmarkError(f"{spec.name}: max_group_size must be a positive integer or None, got {max_group_size!r}")
+    bases = _dataset_roots(spec, root)
     problems = _Problems(spec.name, skip_bad)
     if spec.task == "sod":
-        columns = _load_sod(spec, root, problems)
+        columns = _load_sod(spec, bases, problems)
     elif spec.task == "cosod":
-        columns = _load_cosod(spec, root, problems)
+        columns = _load_cosod(spec, bases, problems, max_group_size)
     else:
-        columns = _load_sis(spec, root, problems, annotations, split)
+        columns = _load_sis(spec, bases, problems, annotations, split, layout)
     problems.finish()
-    return Dataset.from_dict(columns, features=ROW_FEATURES)
+    return _to_dataset(columns)
+
+
+LOADER_OPTIONS = ("annotations", "layout", "max_group_size")
+"""Options `load_saliency_dataset` passes on to `load_benchmark` (besides `data_dir`, `skip_bad` and `split`)."""
 
 
 def load_saliency_dataset(
@@ -448,17 +778,31 @@ def load_saliency_dataset(
     data_dir: str | os.PathLike | None = None,
     skip_bad: bool = False,
     split: str | None = None,
-    **synthetic,
+    **options,
 ) -> Dataset:
     """One entry point for recipes and CLIs: `synthetic-sod|sis|cosod` generates the synthetic benchmark
-    (keyword arguments go to `SyntheticConfig`), any other name loads a public benchmark from `data_dir`."""
+    (`options` are `SyntheticConfig` fields), any other name loads a public benchmark from `data_dir` (`options`:
+    `annotations`, `layout`, `max_group_size`). An option the target does not take is an error naming it."""
     if name.startswith("synthetic-"):
-        from .synthetic import generate_synthetic
+        from dataclasses import fields
 
-        return generate_synthetic(task=name.removeprefix("synthetic-"), split=split or "train", **synthetic)
+        from .synthetic import SyntheticConfig, generate_synthetic
+
+        accepted = sorted({f.name for f in fields(SyntheticConfig)} - {"task", "split"})
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise BenchmarkError(f"{name}: unknown option(s) {unknown}; synthetic sets accept {accepted}")
+        return generate_synthetic(task=name.removeprefix("synthetic-"), split=split or "train", **options)
+    spec = get_benchmark_spec(name)
+    unknown = sorted(set(options) - set(LOADER_OPTIONS))
+    if unknown:
+        raise BenchmarkError(
+            f"{spec.name}: unknown option(s) {unknown}; benchmarks accept data_dir, skip_bad, split and "
+            f"{list(LOADER_OPTIONS)}"
+        )
     if data_dir is None:
         raise BenchmarkError(f"benchmark {name!r} needs data_dir")
-    return load_benchmark(name, data_dir, skip_bad=skip_bad, split=split)
+    return load_benchmark(name, data_dir, skip_bad=skip_bad, split=split, **options)
 
 
 # ------------------------------------------------------------------------------------------------------- writer
@@ -489,7 +833,7 @@ def save_benchmark(dataset: Dataset, name: str, data_dir: str | os.PathLike, ima
             _save_image(row["masks"][0], root / second / f"{i:05d}.png", "L")
     elif spec.task == "cosod":
         for i, row in enumerate(dataset):
-            group = row["group"] or f"group{i:03d}"
+            group = check_name(row["group"] or f"group{i:03d}", f"row {i} group")
             for j, (image, mask) in enumerate(zip(row["images"], row["masks"])):
                 _save_image(image, root / image_dir / group / f"{j:03d}.{image_format}", "RGB")
                 _save_image(mask, root / second / group / f"{j:03d}.png", "L")
@@ -535,6 +879,8 @@ def instance_masks(row: dict) -> np.ndarray:
 
 __all__ = [
     "BENCHMARKS",
+    "DEFAULT_MAX_GROUP_SIZE",
+    "SIS_LAYOUTS",
     "BenchmarkError",
     "BenchmarkSpec",
     "get_benchmark_spec",

@@ -245,12 +245,17 @@ class JsonlCache:
         self._lock = threading.Lock()
         self._items: dict[str, str] = {}
         if self.path is not None and self.path.exists():
-            for line in self.path.read_text().splitlines():
+            data = self.path.read_bytes()
+            if data and not data.endswith(b"\n"):  # an interrupted write: cut it so the next record starts a line
+                data = data[: data.rfind(b"\n") + 1]
+                with self.path.open("r+b") as handle:
+                    handle.truncate(len(data))
+            for line in data.decode("utf-8", errors="replace").splitlines():
                 try:
                     item = json.loads(line)
                     self._items[item["key"]] = item["text"]
                 except (json.JSONDecodeError, KeyError, TypeError):
-                    continue  # a line cut by an interruption
+                    continue  # a damaged line
         self.loaded = len(self._items)
 
     def __contains__(self, key: str) -> bool:

@@ -6,6 +6,7 @@ either kind can be concatenated, saved and fed to the same rewards.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,6 +29,19 @@ ROW_FEATURES = Features(
 )
 """Columns of the data contract. `masks` holds SOD / CoSOD ground truth aligned with `images` (empty for SIS);
 `instances` holds SIS ground truth (empty otherwise); `solution` is empty when no reference answer is known."""
+
+
+def check_name(name: object, what: str) -> str:
+    """Return `name` unchanged if it can be one path component (a file stem or a group folder), else raise.
+
+    Names travel from the dataset on disk to prediction files and back to the ground truth unchanged, so spaces and
+    any other character a file system accepts are kept; only what would leave or break the folder is refused."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{what} must be a non-empty string, got {name!r}")
+    separators = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    if name in (".", "..") or "\0" in name or any(sep in name for sep in separators):
+        raise ValueError(f"{what} {name!r} is not a valid file or folder name (path separator, '..' or NUL)")
+    return name
 
 
 def encode_instances(masks: np.ndarray | Sequence[np.ndarray]) -> list[dict]:
@@ -67,9 +81,13 @@ def annotation_to_rle(segmentation, height: int, width: int) -> dict:
             raise ValueError(f"uncompressed RLE counts sum to {total}, not height x width = {height * width}")
         rle = mask_utils.frPyObjects(segmentation, height, width)
     elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), (str, bytes)):
+        from ..saliency.metrics import check_rle
+
         rle = dict(segmentation)
         if isinstance(rle["counts"], str):
             rle["counts"] = rle["counts"].encode("ascii")
+        if [int(s) for s in rle["size"]] == [height, width]:
+            check_rle(rle, height, width, "compressed RLE")  # pycocotools would decode garbage into a wrong mask
     else:
         raise ValueError(f"unsupported COCO segmentation of type {type(segmentation).__name__}")
     if [int(s) for s in rle["size"]] != [height, width]:

@@ -15,8 +15,10 @@ input path rather than inventing one:
 Images are scored one at a time (`score_pair`) so the work spreads over processes and so CoSOD can be averaged two
 ways: ``"image"`` (mean over every image of the dataset, as the CoSOD evaluation toolbox eval-co-sod used by CoCA,
 GICD, GCoNet and their successors does — the default, because the published CoSOD tables come from it) and
-``"group"`` (mean over groups of per-group means, PySODEvalToolkit's grouped mode). The toolkit prints numbers
-rounded to 3 decimals; these functions return them unrounded.
+``"group"`` (mean over groups of per-group means, PySODEvalToolkit's grouped mode). Both keep pysodmetrics' formulas
+and the toolkit's resizing, so ``"image"`` is eval-co-sod's averaging, not its exact numbers: measured within 0.004
+of it on predictions at the ground truth's size and within 0.02 on resized soft maps (docs/evaluation.md). The
+toolkit prints numbers rounded to 3 decimals; these functions return them unrounded.
 
 SIS is COCO mask AP with a single "salient" category: AP (IoU .50:.95), AP50 and AP70, read from
 ``COCOeval.eval["precision"]`` exactly as ``COCOeval.summarize`` reads AP50.
@@ -135,7 +137,7 @@ def aggregate_groups(groups: Mapping[str, Sequence[ImageScores]], convention: st
     if convention == "image":
         return aggregate([s for scores in nonempty.values() for s in scores])
     per_group = [_mean_scores(s) for s in nonempty.values()]
-    means = {k: np.mean(np.vstack([g[k] for g in per_group]), axis=0) for k in per_group[0]}
+    means = {k: np.mean(np.stack([np.asarray(g[k]) for g in per_group]), axis=0) for k in per_group[0]}
     return _to_table(means)
 
 
@@ -144,16 +146,38 @@ def aggregate_groups(groups: Mapping[str, Sequence[ImageScores]], convention: st
 
 
 def read_mask(path: str | os.PathLike) -> np.ndarray:
-    """Read a mask as uint8 grayscale the way PySODEvalToolkit does (OpenCV, any bit depth or colour -> 8-bit L)."""
+    """Read a mask as uint8 grayscale the way PySODEvalToolkit does (OpenCV, any bit depth or colour -> 8-bit L).
+
+    Two PNG/TIFF encodings that OpenCV's grayscale read turns black are read for what they hold: a 16-bit file whose
+    values fit in 0-255 (an 8-bit map saved at 16 bits) is read as those values, and a file whose colour channels are
+    constant while its alpha channel varies (the mask drawn in the alpha channel) is read as its alpha channel.
+    """
     import cv2
 
     path = Path(path)
     if not path.is_file():
         raise MetricInputError(f"mask file not found: {path}")
+    if path.suffix.lower() in (".png", ".tif", ".tiff"):
+        raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if raw is None:
+            raise MetricInputError(f"cannot read image file {path} (not an image, or corrupt)")
+        if raw.ndim == 2 and raw.dtype == np.uint8:
+            return raw
+        if raw.ndim == 2 and raw.dtype == np.uint16 and raw.max() <= 255:
+            return raw.astype(np.uint8)
+        if raw.ndim == 3 and raw.shape[2] == 4:
+            colour, alpha = raw[..., :3], raw[..., 3]
+            if (colour == colour.flat[0]).all() and (alpha != alpha.flat[0]).any():
+                return alpha if alpha.dtype == np.uint8 else _to_uint8(alpha)
     mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     if mask is None:
         raise MetricInputError(f"cannot read image file {path} (not an image, or corrupt)")
     return mask
+
+
+def _to_uint8(values: np.ndarray) -> np.ndarray:
+    # A 16-bit channel holding 0-255 is already 8-bit data; otherwise scale its full range, as OpenCV does.
+    return values.astype(np.uint8) if values.max() <= 255 else (values // 257).astype(np.uint8)
 
 
 def load_pair(pred_path: str | os.PathLike, gt_path: str | os.PathLike, interpolation: str = "linear"):
@@ -332,11 +356,63 @@ def _check_fields(items: Iterable, required: Sequence[str], where: str, what: st
             raise MetricInputError(f"{where}: {what}[{i}] lacks field(s) {absent}")
 
 
+def rle_counts(counts: bytes) -> list[int]:
+    """The run lengths of a compressed COCO RLE string (the LEB128-like code of pycocotools' `rleFrString`).
+
+    pycocotools decodes whatever it is given, and a malformed string silently becomes a wrong mask; reading the runs
+    lets `check_rle` reject it first."""
+    runs: list[int] = []
+    position = 0
+    while position < len(counts):
+        value, shift, more = 0, 0, True
+        while more:
+            if position >= len(counts):
+                raise ValueError("RLE counts string ends inside a number")
+            chunk = counts[position] - 48
+            if not 0 <= chunk < 64:
+                raise ValueError(f"RLE counts string has the invalid character {chr(counts[position])!r}")
+            value |= (chunk & 0x1F) << shift
+            more = bool(chunk & 0x20)
+            position += 1
+            shift += 5
+            if not more and chunk & 0x10:
+                value |= -1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        runs.append(value)
+    return runs
+
+
+def check_rle(rle: Mapping, height: int, width: int, where: str = "RLE") -> None:
+    """Raise `MetricInputError` unless `rle` is a COCO RLE of a `height` x `width` mask whose runs cover it exactly."""
+    if not isinstance(rle, Mapping) or "size" not in rle or "counts" not in rle:
+        raise MetricInputError(f"{where}: segmentation must be a COCO RLE with 'size' and 'counts', got {rle!r:.80}")
+    size = rle["size"]
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) for v in size)):
+        raise MetricInputError(f"{where}: RLE size must be [height, width], got {size!r}")
+    if list(size) != [height, width]:
+        raise MetricInputError(f"{where}: RLE size {list(size)} differs from the image size {[height, width]}")
+    counts = rle["counts"]
+    try:
+        if isinstance(counts, list):
+            runs = [int(v) for v in counts]
+        else:
+            runs = rle_counts(counts.encode("ascii") if isinstance(counts, str) else bytes(counts))
+    except (TypeError, ValueError, UnicodeEncodeError) as err:
+        raise MetricInputError(f"{where}: unreadable RLE counts ({err})") from None
+    if any(run < 0 for run in runs) or sum(runs) != height * width:
+        raise MetricInputError(
+            f"{where}: RLE runs sum to {sum(runs)} (or are negative), not height x width = {height * width}"
+        )
+
+
 def evaluate_sis(results, annotations) -> dict[str, float]:
     """Mask AP, AP50 and AP70 of COCO results (list of {image_id, segmentation, score}) against COCO annotations.
 
     Both arguments are paths or already-loaded JSON. The ground truth must have exactly one category ("salient");
-    results without ``category_id`` get it, results with another one are an error.
+    results without ``category_id`` get it, results with another one are an error. Every image needs an integer
+    ``height`` and ``width``; every segmentation (ground-truth polygons or RLE, result RLE) must fit its image, every
+    score must be a finite number, and every ``image_id`` must be listed in the annotations.
     """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
@@ -345,31 +421,51 @@ def evaluate_sis(results, annotations) -> dict[str, float]:
     res_json, res_where = _load_json(results, "results")
     if not isinstance(gt_json, dict) or not all(k in gt_json for k in ("images", "annotations", "categories")):
         raise MetricInputError(f"{gt_where}: COCO annotations need 'images', 'annotations' and 'categories'")
-    _check_fields(gt_json["images"], ("id",), gt_where, "images")
+    _check_fields(gt_json["images"], ("id", "height", "width"), gt_where, "images")
     _check_fields(gt_json["annotations"], ("image_id", "segmentation", "id"), gt_where, "annotations")
+    sizes: dict[Any, tuple[int, int]] = {}
+    for i, img in enumerate(gt_json["images"]):
+        size = tuple(img[k] for k in ("height", "width"))
+        if not all(_is_number(v) and v > 0 and float(v).is_integer() for v in size):
+            raise MetricInputError(f"{gt_where}: images[{i}] needs positive integer height and width, got {size}")
+        if img["id"] in sizes:
+            raise MetricInputError(f"{gt_where}: images[{i}] repeats the id {img['id']!r}")
+        sizes[img["id"]] = (int(size[0]), int(size[1]))
     if len(gt_json["categories"]) != 1:
         names = [c.get("name") for c in gt_json["categories"]]
         raise MetricInputError(f"{gt_where}: SIS uses one 'salient' category, found {len(names)}: {names}")
     category = gt_json["categories"][0]["id"]
+    annotations_out = []
+    for i, ann in enumerate(gt_json["annotations"]):
+        where = f"{gt_where}: annotations[{i}]"
+        if ann["image_id"] not in sizes:
+            raise MetricInputError(f"{where} refers to image_id {ann['image_id']!r}, which is not in 'images'")
+        annotations_out.append({"iscrowd": 0, **ann, "segmentation": _gt_segmentation(ann, sizes, where)})
     if not isinstance(res_json, list):
         raise MetricInputError(f"{res_where}: COCO results must be a JSON list of detections")
     _check_fields(res_json, ("image_id", "segmentation", "score"), res_where, "results")
-    image_ids = {img["id"] for img in gt_json["images"]}
-    unknown = sorted({r["image_id"] for r in res_json} - image_ids, key=str)
+    unknown = sorted({r["image_id"] for r in res_json} - set(sizes), key=str)
     if unknown:
         raise MetricInputError(f"{res_where}: image_id(s) {unknown[:10]} are not in the annotations {gt_where}")
     detections = []
     for i, det in enumerate(res_json):
+        where = f"{res_where}: results[{i}]"
         if det.get("category_id", category) != category:
-            raise MetricInputError(f"{res_where}: results[{i}] has category_id {det['category_id']}, not {category}")
+            raise MetricInputError(f"{where} has category_id {det['category_id']}, not {category}")
+        score = det["score"]
+        if not _is_number(score) or not np.isfinite(score):
+            raise MetricInputError(f"{where} has score {score!r}; scores must be finite numbers")
+        check_rle(det["segmentation"], *sizes[det["image_id"]], where)
         detections.append({**det, "category_id": category})
     if not detections:
         return dict.fromkeys(SIS_METRICS, 0.0)
 
-    gt_json = {**gt_json, "annotations": [{"iscrowd": 0, **a} for a in gt_json["annotations"]]}
-    for ann in gt_json["annotations"]:
+    from pycocotools import mask as mask_utils
+
+    for ann in annotations_out:
         if "area" not in ann:
-            ann["area"] = float(_rle_area(ann["segmentation"], gt_json, ann["image_id"]))
+            ann["area"] = float(mask_utils.area(ann["segmentation"]))
+    gt_json = {**gt_json, "annotations": annotations_out}
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO()
         coco_gt.dataset = gt_json
@@ -386,14 +482,29 @@ def evaluate_sis(results, annotations) -> dict[str, float]:
     }
 
 
-def _rle_area(segmentation, gt_json, image_id) -> float:
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _gt_segmentation(ann: Mapping, sizes: Mapping, where: str) -> dict:
+    """A ground-truth segmentation (polygons, uncompressed or compressed RLE) as a checked compressed RLE."""
     from pycocotools import mask as mask_utils
 
-    if isinstance(segmentation, list):  # polygons need the image size
-        img = next(i for i in gt_json["images"] if i["id"] == image_id)
-        rles = mask_utils.frPyObjects(segmentation, img["height"], img["width"])
-        return float(mask_utils.area(mask_utils.merge(rles)))
-    return float(mask_utils.area(segmentation))
+    height, width = sizes[ann["image_id"]]
+    segmentation = ann["segmentation"]
+    if isinstance(segmentation, list):
+        polygons = [p for p in segmentation if isinstance(p, list)]
+        if len(polygons) != len(segmentation) or not polygons:
+            raise MetricInputError(f"{where}: polygon segmentation must be a non-empty list of coordinate lists")
+        for polygon in polygons:
+            if len(polygon) < 6 or len(polygon) % 2 or not all(_is_number(v) and np.isfinite(v) for v in polygon):
+                raise MetricInputError(f"{where}: a polygon needs at least 3 finite (x, y) pairs, got {polygon!r:.80}")
+        return mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+    check_rle(segmentation, height, width, where)
+    if isinstance(segmentation["counts"], list):
+        return mask_utils.frPyObjects(segmentation, height, width)
+    counts = segmentation["counts"]
+    return {"size": [height, width], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
 
 
 def _nonneg(value: float) -> float:
@@ -431,6 +542,7 @@ __all__: list[str] = [
     "MetricInputError",
     "aggregate",
     "aggregate_groups",
+    "check_rle",
     "encode_mask",
     "evaluate_cosod",
     "evaluate_sis",

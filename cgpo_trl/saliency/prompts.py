@@ -1,4 +1,9 @@
-"""Task instructions for SOD, SIS and CoSOD, as TRL conversational prompts with one image block per image."""
+"""Task instructions for SOD, SIS and CoSOD, as TRL conversational prompts with one image block per image.
+
+SOD and SIS images may hold nothing salient (SOC's non-salient images), so their instructions name the answer for
+that case, an empty `<answer></answer>`, which the rewards score 1 exactly when the ground truth is empty. A CoSOD
+group shares an object by definition, so its instruction does not offer it.
+"""
 
 from __future__ import annotations
 
@@ -10,20 +15,25 @@ _FORMAT = (
     "First reason step by step inside <think></think>. Then give the answer inside <answer></answer>; "
     "write nothing after </answer>."
 )
+_NOTHING = f" If nothing in the image is salient, leave the answer empty: {format_answer()}."
 
 INSTRUCTIONS: dict[str, str] = {
     "sod": (
         "Find the salient object in the image: what a person looks at first. "
         + _FORMAT
         + " In the answer, name each salient region with a short referring expression inside <rg></rg>; "
-        "the regions are segmented and merged into one saliency mask. Example: "
+        "the regions are segmented and merged into one saliency mask."
+        + _NOTHING
+        + " Example: "
         + format_answer("...", regions=["the brown dog"])
     ),
     "sis": (
         "Find every salient instance in the image, one by one. "
         + _FORMAT
         + " In the answer, name each salient instance with its own referring expression inside <ins></ins>, "
-        "so that each expression picks out exactly one object. Example: "
+        "so that each expression picks out exactly one object."
+        + _NOTHING
+        + " Example: "
         + format_answer("...", instances=["the man on the left", "the man on the right"])
     ),
     "cosod": (

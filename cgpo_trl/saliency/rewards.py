@@ -12,8 +12,14 @@ reward_funcs = get_reward_funcs(["format", "saliency"], segmenter=segmenter, eos
 
 Task rewards parse the answer first: a malformed answer (see `tags.parse_answer`) scores 0 and never reaches the
 segmenter. All (image, expression) pairs of a batch go to the segmenter in one call; if that call fails, the rows
-are retried one by one and a row whose segmentation still fails scores 0 and is counted in the
-`<reward>/segmenter_failures` metric (logged through TRL's `log_metric`), so one bad sample never stops a run.
+are retried one by one and a row whose segmentation still fails (an error, or a NaN / out-of-range mask, which the
+segmenter protocol rejects) scores 0 and is counted in the `<reward>/segmenter_failures` metric (logged through
+TRL's `log_metric`), so one bad sample never stops a run. A broken segmenter does: when more than
+`max_failure_rate` of the segmented rows fail in `max_failed_calls` consecutive calls, the reward raises.
+
+"Nothing is salient" has one correct answer: an empty `<answer></answer>` (`read_answer`). It is well-formed, and a
+task reward gives it 1 on a row whose ground truth is empty (an SIS image without instances, an all-background
+mask) and 0 on any other row; any expression on an empty ground truth scores as a false positive.
 """
 
 from __future__ import annotations
@@ -26,9 +32,11 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from .diagnostics import expression_diagnostics
 from .prompts import TASKS
 from .segmenters.base import ReferringSegmenter
-from .tags import TagLimits, parse_answer
+from .tags import NO_EXPRESSION as NO_EXPRESSION  # re-exported: the problem `read_answer` accepts
+from .tags import ParsedAnswer, TagLimits, parse_answer
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +102,13 @@ def build_reward_funcs(
     if segmenter is not None and takes_segmenter:
         options["segmenter"] = segmenter
     return get_reward_funcs(names, **options)
+
+
+def read_answer(text: str, task: str | None = None, limits: TagLimits | None = None) -> ParsedAnswer:
+    """`parse_answer` with `allow_empty=True`: an empty `<answer></answer>` is the well-formed "nothing is salient".
+
+    Rewards and prediction read answers through this one function, so they agree on what is well-formed."""
+    return parse_answer(text, task=task, limits=limits, allow_empty=True)
 
 
 def completion_text(completion) -> str:
@@ -178,7 +193,7 @@ class FormatReward(RewardFunction):
         ids = completion_ids if completion_ids is not None else [None] * len(completions)
         rewards = []
         for completion, row_task, row_ids in zip(completions, tasks, ids):
-            parsed = parse_answer(completion_text(completion), task=row_task, limits=self.limits)
+            parsed = read_answer(completion_text(completion), row_task, self.limits)
             well_formed = parsed.ok and (parsed.think is not None or not self.require_think)
             rewards.append(float(well_formed and self._terminated(row_ids)))
         return rewards
@@ -226,6 +241,9 @@ def region_quality(pred: np.ndarray, gt: np.ndarray, metric: str | Mapping[str, 
         "fbeta": lambda: psm.FmeasureHandler(with_dynamic=False, with_adaptive=False, with_binary=True, beta=0.3),
     }
     binary = [name for name in handlers if name in weights]
+    if binary and not gt.any():  # pysodmetrics gives 0 even to an empty prediction; nothing found is right here
+        values.update(dict.fromkeys(binary, float(not (pred > 0.5).any())))
+        binary = []
     if binary:
         fm = psm.FmeasureV2({name: handlers[name]() for name in binary})
         fm.step(pred, gt, normalize=False)
@@ -248,12 +266,12 @@ def _metric_weights(metric: str | Mapping[str, float]) -> dict[str, float]:
 def instance_quality(preds: Sequence[np.ndarray], gt_rles: Sequence[dict]) -> float:
     """Match predicted instance masks to ground-truth instances (COCO RLE dicts) one-to-one by Hungarian matching on
     mask IoU, and return the summed IoU of the matches divided by max(#predicted, #ground truth): each missed and
-    each spurious instance costs as much as a perfect match earns."""
+    each spurious instance costs as much as a perfect match earns. No instance predicted for no instance is 1."""
     from pycocotools import mask as mask_utils
     from scipy.optimize import linear_sum_assignment
 
     if not preds or not gt_rles:
-        return 0.0
+        return float(not preds and not gt_rles)
     gts = [{"size": list(r["size"]), "counts": _rle_bytes(r["counts"])} for r in gt_rles]
     height, width = gts[0]["size"]
     binary = np.stack([_fit(p, (height, width)) >= 0.5 for p in preds], axis=-1)
@@ -284,6 +302,13 @@ def _gt_mask(mask, where: str) -> np.ndarray:
     return mask > 128 if mask.dtype == np.uint8 else mask > 0.5
 
 
+def _spread(count: int, cap: int | None) -> list[int]:
+    """Indices of `cap` of `count` items, evenly spaced (all of them when they fit)."""
+    if cap is None or count <= cap:
+        return list(range(count))
+    return sorted({int(k) for k in np.linspace(0, count - 1, cap).round()})
+
+
 def _tasks(task, n: int, default: str | None) -> list[str | None]:
     if task is None:
         return [default] * n
@@ -300,12 +325,18 @@ class SaliencyReward(RewardFunction):
     - `cosod`: every `<rg>` expression segmented in every image of the group; mean over images of the quality of
       the union against that image's mask.
     - `sis`: one region mask per `<ins>` expression (region mode, so a plural expression cannot collect several
-      instances at once), scored by `instance_quality` against the COCO RLE `instances`.
+      instances at once), scored by `instance_quality` against the COCO RLE `instances`. Prediction
+      (`cgpo_trl.predict`) turns each `<ins>` into a detection the same way.
+    - an empty answer: 1 when the row's ground truth is empty, else 0 (see the module docstring).
 
     Args:
         segmenter: the referring segmenter (e.g. `load_segmenter("shapes")`).
         metric: region quality for SOD / CoSOD, see `region_quality`.
         limits: tag limits applied before segmentation.
+        max_group_size: a CoSOD row with more images is scored on this many of them, evenly spaced (segmenter cost
+            grows with every image); None scores every image.
+        max_failure_rate, max_failed_calls: raise when more than this share of the segmented rows fails in this many
+            consecutive calls: a broken segmenter stops the run instead of training on zero rewards.
     """
 
     tasks: tuple[str, ...] = TASKS
@@ -315,8 +346,17 @@ class SaliencyReward(RewardFunction):
         segmenter: ReferringSegmenter,
         metric: str | Mapping[str, float] = "smeasure",
         limits: TagLimits | None = None,
+        max_group_size: int | None = 16,
+        max_failure_rate: float = 0.5,
+        max_failed_calls: int = 3,
     ):
         super().__init__()
+        if max_group_size is not None and (not isinstance(max_group_size, int) or max_group_size < 1):
+            raise ValueError(f"max_group_size must be a positive integer or None, got {max_group_size!r}")
+        if not 0 <= max_failure_rate < 1:
+            raise ValueError(f"max_failure_rate must be in [0, 1), got {max_failure_rate!r}")
+        if not isinstance(max_failed_calls, int) or max_failed_calls < 1:
+            raise ValueError(f"max_failed_calls must be a positive integer, got {max_failed_calls!r}")
         if not isinstance(segmenter, ReferringSegmenter):
             raise TypeError(
                 f"reward {self.name!r} needs segmenter= a ReferringSegmenter (e.g. load_segmenter('shapes')), "
@@ -326,6 +366,10 @@ class SaliencyReward(RewardFunction):
         self.segmenter = segmenter
         self.metric = metric
         self.limits = limits
+        self.max_group_size = max_group_size
+        self.max_failure_rate = max_failure_rate
+        self.max_failed_calls = max_failed_calls
+        self._failed_calls = 0  # consecutive calls above max_failure_rate
 
     def __call__(
         self,
@@ -346,31 +390,48 @@ class SaliencyReward(RewardFunction):
             images = [[image] for image in kwargs["image"]]
         rewards: list[float | None] = [None] * n
         jobs: dict[int, tuple[list[Image.Image], list[str]]] = {}  # row -> (its images, its expressions)
+        ground_truths: dict[int, list] = {}  # row -> the masks of the images in jobs (SOD, CoSOD)
         malformed = 0
         for i, (completion, row_task) in enumerate(zip(completions, tasks)):
             if row_task not in self.tasks:
                 if row_task not in TASKS:
                     raise ValueError(f"row {i}: unknown task {row_task!r}; expected one of {list(TASKS)}")
                 continue
-            parsed = parse_answer(completion_text(completion), task=row_task, limits=self.limits)
+            parsed = read_answer(completion_text(completion), row_task, self.limits)
             if not parsed.ok:
                 rewards[i] = 0.0
                 malformed += 1
                 continue
             expressions = parsed.instances if row_task == "sis" else parsed.regions
-            jobs[i] = (self._row_images(images, i, row_task), expressions)
+            row_images = self._row_images(images, i, row_task)
+            gts = None if row_task == "sis" else self._row_masks(masks, i, len(row_images))
+            if not expressions:  # "nothing is salient": right exactly when the ground truth is empty
+                if gts is None:
+                    empty_truth = not self._column(instances, "instances", i)
+                else:
+                    empty_truth = not any(_gt_mask(gt, f"row {i} `masks`").any() for gt in gts)
+                rewards[i] = float(empty_truth)
+                continue
+            kept = _spread(len(row_images), self.max_group_size)
+            jobs[i] = ([row_images[k] for k in kept], expressions)
+            if gts is not None:
+                ground_truths[i] = [gts[k] for k in kept]
 
-        segmented, failures = self._segment(jobs)
+        segmented, failures, last_error = self._segment(jobs)
+        self._count_failures(failures, len(jobs), last_error)
         for i, masks_per_image in segmented.items():
             if masks_per_image is None:
                 rewards[i] = 0.0
             elif tasks[i] == "sis":
                 rewards[i] = instance_quality(masks_per_image[0], self._column(instances, "instances", i))
             else:
-                rewards[i] = self._region_reward(i, masks_per_image, self._column(masks, "masks", i))
+                rewards[i] = self._region_reward(i, masks_per_image, ground_truths[i])
         if log_metric is not None:
             log_metric(f"{self.name}/segmenter_failures", float(failures))
             log_metric(f"{self.name}/malformed", malformed / max(1, sum(t in self.tasks for t in tasks)))
+            written = [expression for _, expressions in jobs.values() for expression in expressions]
+            for key, value in expression_diagnostics(written).items():  # collapse diagnosis, see diagnostics.py
+                log_metric(f"{self.name}/{key}", value)
         return rewards
 
     @staticmethod
@@ -388,11 +449,32 @@ class SaliencyReward(RewardFunction):
                 raise TypeError(f"row {i}: `images` must hold PIL images (decoded), got {type(image).__name__}")
         return row
 
-    def _segment(self, jobs: dict[int, tuple[list, list]]) -> tuple[dict[int, list[list] | None], int]:
+    def _row_masks(self, masks, i: int, num_images: int) -> list:
+        gts = self._column(masks, "masks", i)
+        gts = [gts] if isinstance(gts, Image.Image) else list(gts)
+        if len(gts) != num_images:
+            raise ValueError(f"row {i}: {num_images} images but {len(gts)} ground-truth masks in `masks`")
+        return gts
+
+    def _count_failures(self, failures: int, attempted: int, last_error: str | None) -> None:
+        """Stop the run once the segmenter has failed on most rows for `max_failed_calls` calls in a row."""
+        if not attempted:
+            return
+        self._failed_calls = self._failed_calls + 1 if failures / attempted > self.max_failure_rate else 0
+        if self._failed_calls >= self.max_failed_calls:
+            raise RuntimeError(
+                f"reward {self.name!r}: segmenter {self.segmenter.name!r} failed on more than "
+                f"{self.max_failure_rate:.0%} of the rows in each of the last {self._failed_calls} calls (last call: "
+                f"{failures} of {attempted} rows; last error: {last_error}). Training on these zero rewards would be "
+                "meaningless; fix the segmenter (checkpoint, device, memory) or raise max_failure_rate / "
+                "max_failed_calls in reward_kwargs."
+            )
+
+    def _segment(self, jobs: dict[int, tuple[list, list]]) -> tuple[dict[int, list[list] | None], int, str | None]:
         """Masks per row, per image, per expression: one batched segmenter call for every pair of every row; if it
-        fails, one call per row to find the rows that fail (None)."""
+        fails, one call per row to find the rows that fail (None). Also the failure count and the last error."""
         if not jobs:
-            return {}, 0
+            return {}, 0, None
         pairs = {i: [(image, e) for image in images for e in expressions] for i, (images, expressions) in jobs.items()}
         try:
             flat = self.segmenter.segment(
@@ -401,7 +483,7 @@ class SaliencyReward(RewardFunction):
         except Exception as error:  # any backend failure is isolated per row below
             logger.warning("segmenter %r failed on a batch (%s); retrying row by row", self.segmenter.name, error)
             flat = None
-        segmented, failures, start = {}, 0, 0
+        segmented, failures, start, last_error = {}, 0, 0, None
         for i, row in pairs.items():
             if flat is not None:
                 results, start = flat[start : start + len(row)], start + len(row)
@@ -412,10 +494,11 @@ class SaliencyReward(RewardFunction):
                     logger.warning("segmenter %r failed on row %d: %s", self.segmenter.name, i, error)
                     segmented[i] = None
                     failures += 1
+                    last_error = f"{type(error).__name__}: {error}"
                     continue
             width = len(jobs[i][1])
             segmented[i] = [[mask for mask, _ in results[k : k + width]] for k in range(0, len(results), width)]
-        return segmented, failures
+        return segmented, failures, last_error
 
     @staticmethod
     def _column(values, name: str, i: int):
@@ -423,10 +506,7 @@ class SaliencyReward(RewardFunction):
             raise ValueError(f"saliency rewards need the `{name}` column for this task (see the data contract)")
         return values[i]
 
-    def _region_reward(self, i: int, masks_per_image: list[list[np.ndarray]], gts) -> float:
-        gts = [gts] if isinstance(gts, Image.Image) else list(gts)
-        if len(gts) != len(masks_per_image):
-            raise ValueError(f"row {i}: {len(masks_per_image)} images but {len(gts)} ground-truth masks in `masks`")
+    def _region_reward(self, i: int, masks_per_image: list[list[np.ndarray]], gts: list) -> float:
         scores = []
         for masks, gt in zip(masks_per_image, gts):
             gt = _gt_mask(gt, f"row {i} `masks`")

@@ -8,6 +8,10 @@
 Model output is untrusted: `parse_answer` never raises on it. It returns the expressions it could read together
 with the list of problems it found, so a reward can price malformed answers and nothing over the configured
 limits ever reaches a segmenter. `format_answer` is its inverse on well-formed answers.
+
+An `<answer></answer>` without expressions is the answer "nothing is salient". Whether it is well-formed depends on
+the reader, so `parse_answer` asks: with `allow_empty=True` (how rewards and prediction read answers) it is, otherwise
+it carries the problem `NO_EXPRESSION`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ TASK_TAGS: dict[str, str] = {"sod": "rg", "sis": "ins", "cosod": "rg"}
 
 _TAG = re.compile(r"<(/?)(think|answer|rg|ins)>")
 _EXPRESSION_TAGS = ("rg", "ins")
+
+NO_EXPRESSION = "no expression in <answer>"
+"""The problem of a closed `<answer>` that holds no expression, unless `parse_answer` is given `allow_empty=True`."""
 
 
 @dataclass(frozen=True)
@@ -66,11 +73,14 @@ def _check_task(task: str | None) -> None:
         raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASK_TAGS)}")
 
 
-def parse_answer(text: str, task: str | None = None, limits: TagLimits | None = None) -> ParsedAnswer:
+def parse_answer(
+    text: str, task: str | None = None, limits: TagLimits | None = None, *, allow_empty: bool = False
+) -> ParsedAnswer:
     """Parse one completion. With `task`, an expression tag other than the task's (see `TASK_TAGS`) is a problem.
 
     Expressions and the think text are returned stripped of surrounding whitespace. Whitespace is allowed between
-    blocks and after `</answer>`; any other text outside the tags is a problem.
+    blocks and after `</answer>`; any other text outside the tags is a problem. `allow_empty=True` accepts an
+    `<answer>` without expressions ("nothing is salient"); an empty `<rg></rg>` / `<ins></ins>` stays a problem.
     """
     _check_task(task)
     limits = limits or TagLimits()
@@ -155,8 +165,14 @@ def parse_answer(text: str, task: str | None = None, limits: TagLimits | None = 
             problems[f"<{tag}> in a {task} answer (expects <{TASK_TAGS[task]}>)"] = None
     elif len(used) > 1:
         problems["mixes <rg> and <ins>"] = None
-    if seen_answer and answer_closed and not expressions and not any(p.startswith("empty") for p in problems):
-        problems["no expression in <answer>"] = None
+    if (
+        not allow_empty
+        and seen_answer
+        and answer_closed
+        and not expressions
+        and not any(p.startswith("empty") for p in problems)
+    ):
+        problems[NO_EXPRESSION] = None
 
     too_long = [content for _, content in expressions if len(content) > limits.max_expression_chars]
     if too_long:
@@ -174,6 +190,7 @@ def parse_answer(text: str, task: str | None = None, limits: TagLimits | None = 
 
 def format_answer(think: str | None = None, regions: Sequence[str] = (), instances: Sequence[str] = ()) -> str:
     """Write an answer that `parse_answer` reads back unchanged (texts are stripped; regions come before instances).
+    Without expressions it writes `<answer></answer>`, which reads back well-formed with `allow_empty=True`.
 
     Raises `ValueError` for text that could not round-trip: an empty expression or one containing a tag.
     """

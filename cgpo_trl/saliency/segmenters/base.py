@@ -11,6 +11,9 @@ import numpy as np
 from PIL import Image
 
 MODES = ("region", "instance")
+MASK_TOLERANCE = 1e-3
+"""How far outside [0, 1] a mask value may stray (float rounding of interpolated probabilities) before it is an error."""
+DEFAULT_CACHE_BYTES = 512 * 2**20
 
 RegionResult = tuple[np.ndarray, float]
 """One float32 HxW mask in [0, 1] at the image's size, and the backend's confidence score."""
@@ -107,6 +110,14 @@ class ReferringSegmenter(abc.ABC):
                 raise RuntimeError(
                     f"segmenter {self.name!r} returned a {mask.shape} mask for a {image.width}x{image.height} image"
                 )
+            # A NaN or out-of-range mask would otherwise fail later, inside a metric, for the whole batch.
+            finite = np.isfinite(mask)
+            low, high = (float(mask[finite].min()), float(mask[finite].max())) if finite.any() else (0.0, 0.0)
+            if not finite.all() or low < -MASK_TOLERANCE or high > 1 + MASK_TOLERANCE:
+                raise RuntimeError(
+                    f"segmenter {self.name!r} returned an invalid mask: {int((~finite).sum())} NaN/inf pixels, "
+                    f"finite values in [{low:.4g}, {high:.4g}] (expected [0, 1])"
+                )
 
 
 class InstanceFirstSegmenter(ReferringSegmenter):
@@ -136,23 +147,29 @@ def image_digest(image: Image.Image) -> str:
 
 
 class CachedSegmenter(ReferringSegmenter):
-    """LRU cache keyed by (image digest, expression, mode) in front of a backend.
+    """LRU cache keyed by (image digest, expression, mode) in front of a backend, bounded by entries and by bytes.
 
     RL revisits the same images and the policy repeats expressions, so most pairs after the first epochs are hits.
     Misses of one call go to the backend in one batched call; callers receive fresh arrays, so they cannot alter the
     cache. Binary masks (shapes, EVF-SAM) are stored bit-packed, 32x smaller than float32 and lossless; soft masks
-    are stored as they are (a 480x360 soft mask takes 0.7 MB).
+    are stored as they are (a 1024x768 soft mask takes 3 MB), so `max_bytes` (default 512 MiB per process) is what
+    bounds the memory of a cache of soft masks; the least recently used entries go first.
     """
 
-    def __init__(self, segmenter: ReferringSegmenter, cache_size: int = 1024):
+    def __init__(self, segmenter: ReferringSegmenter, cache_size: int = 1024, max_bytes: int = DEFAULT_CACHE_BYTES):
         if cache_size < 1:
             raise ValueError(f"cache_size must be >= 1, got {cache_size}")
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
         self.segmenter = segmenter
         self.name = segmenter.name
         self.cache_size = cache_size
+        self.max_bytes = max_bytes
         self.hits = 0
         self.misses = 0
+        self.nbytes = 0
         self._cache: OrderedDict[tuple[str, str, str], object] = OrderedDict()
+        self._sizes: dict[tuple[str, str, str], int] = {}  # bytes held by each entry
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -160,7 +177,8 @@ class CachedSegmenter(ReferringSegmenter):
     def clear(self) -> None:
         """Empty the cache and reset the counters."""
         self._cache.clear()
-        self.hits = self.misses = 0
+        self._sizes.clear()
+        self.hits = self.misses = self.nbytes = 0
 
     def _segment_regions(self, images, expressions):
         return self._lookup(images, expressions, "region")
@@ -187,9 +205,19 @@ class CachedSegmenter(ReferringSegmenter):
             computed = self.segmenter.segment([images[i] for i in indices], [expressions[i] for i in indices], mode)
             for key, value in zip(missing, computed):
                 found[key] = self._cache[key] = _pack(value)
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
+                self._sizes[key] = _nbytes(found[key])
+                self.nbytes += self._sizes[key]
+            while self._cache and (len(self._cache) > self.cache_size or self.nbytes > self.max_bytes):
+                evicted, _ = self._cache.popitem(last=False)
+                self.nbytes -= self._sizes.pop(evicted)
         return [_unpack(found[key]) for key in keys]
+
+
+def _nbytes(value) -> int:
+    if isinstance(value, list):
+        return sum(_nbytes(item) for item in value)
+    stored, _score = value
+    return stored[0].nbytes if isinstance(stored, tuple) else stored.nbytes
 
 
 def _pack(value):

@@ -81,7 +81,7 @@ class EvfSamSegmenter(ReferringSegmenter):
 
     def __init__(
         self,
-        checkpoint: str | os.PathLike,
+        checkpoint: str | os.PathLike | None = None,
         device: str = "cpu",
         dtype: str = "float32",
         batch_size: int = 4,
@@ -90,6 +90,11 @@ class EvfSamSegmenter(ReferringSegmenter):
         revision: str | None = None,
         evf_code: str = "auto",
     ):
+        if checkpoint is None:
+            raise ValueError(
+                "segmenter 'evf-sam' needs a checkpoint: segmenter_kwargs {checkpoint: YxZhang/evf-sam2} (or "
+                "YxZhang/evf-sam, YxZhang/evf-sam-multitask, YxZhang/evf-sam2-multitask, or a local folder)"
+            )
         from .evf import EvfTokenizer, from_pretrained
 
         if dtype not in DTYPES:

@@ -1,4 +1,4 @@
-"""`shapes`: a weight-free referring segmenter that is exact on the synthetic world of `vocabulary.py`.
+"""`shapes`: a weight-free referring segmenter for the synthetic world of `vocabulary.py`, graded like a real one.
 
 An expression is read for colour, shape and size words (`vocabulary.parse_description`). Pixels are assigned to
 the nearest vocabulary colour within a tolerance, split into connected components (8-connectivity), and each
@@ -6,10 +6,25 @@ component's shape is the vocabulary shape whose template, rendered with `skimage
 centroid and area, overlaps it best (IoU over a grid of rotations). Measured on shapes drawn like the synthetic
 world: exact from a circle radius of 3.5 px (about 36 px of area) up, where region-property thresholds (solidity,
 Feret ratio, moments) still confuse triangles, squares and stars below ~6 px; smaller blobs are ambiguous for any
-method. Size words pick among the matching components by area (see `size_ratio`).
+method. The synthetic world has no position words, so none are read.
 
-Region mode returns the union of the matching components (score 1.0), instance mode one mask per component
-(score 1.0 each); an expression without vocabulary words, or that matches nothing, gives an empty mask and 0.0.
+Matching rule (default, `strict=False`). A real referring segmenter returns the object that best fits a partly
+wrong phrase ("the pink circle" on an image with a pink square segments the square); so does this one. Each
+component earns the weights of the attributes it matches -- colour 4, shape 2, size 1 (each weight exceeds the sum
+of the ones below it, so colour outranks shape, which outranks size) -- and its fit is that sum over the weights of
+the attributes the expression names. The components with the best fit are returned (a tie returns all of them, so
+"the red objects" is every red component) with the fit as score: "the pink circle" on a pink square and a blue
+circle gives the square with score 4 / 6. A size word matches the components on its side of the largest gap
+between consecutive areas of all components in the image, when that gap is at least `size_ratio`; with no such gap
+every component matches it. A component that matches nothing is never returned: an expression without vocabulary
+words, or whose words fit no component, gives an empty mask and score 0.0. An exact description has fit 1.0 and
+gets exactly its object(s).
+
+`strict=True` is all or nothing: only components matching every named colour and shape are kept (score 1.0), and a
+size word splits those at their own largest area gap (see `size_ratio`); anything else gives an empty mask and 0.0.
+
+Region mode returns the union of the selected components, instance mode one mask per selected component, each with
+the selection's score.
 """
 
 from __future__ import annotations
@@ -35,6 +50,8 @@ _MAX_MATCH_AREA = 400  # pixels
 _PALETTE = np.array(list(COLOURS.values()), dtype=np.int16)
 _PALETTE_NAMES = tuple(COLOURS)
 _PALETTE_SPREAD = int((_PALETTE.max(axis=1) - _PALETTE.min(axis=1)).min())
+# Weights of the attributes in the graded fit: each exceeds the sum of the ones below it (a strict priority).
+_FIT_WEIGHTS = {"colour": 4.0, "shape": 2.0, "size": 1.0}
 
 
 @dataclass
@@ -78,20 +95,22 @@ class _Component:
 
 @register_segmenter("shapes")
 class ShapesSegmenter(ReferringSegmenter):
-    """Colour + shape + size words -> connected components of a flat-coloured synthetic image.
+    """Colour + shape + size words -> the best-fitting connected components of a flat-coloured synthetic image.
 
     Args:
+        strict: keep only components that match every named attribute (all or nothing) instead of the best fit.
         colour_tolerance: largest per-channel difference (0-255) between a pixel and a vocabulary colour for the
             pixel to take that colour; the synthetic background stays far outside it.
         min_area: components with fewer pixels are ignored.
-        size_ratio: "large" / "small" split the matching components at the largest gap between consecutive areas
-            when that gap is at least this ratio; below it all components count as one size and are all kept.
+        size_ratio: "large" / "small" split the components (strict: the colour and shape matches) at the largest
+            gap between consecutive areas when that gap is at least this ratio; below it all count as one size.
         angle_steps: rotations tried per shape period when matching templates.
         device, dtype: accepted so a recipe can switch backends by name alone; this backend runs on the CPU.
     """
 
     def __init__(
         self,
+        strict: bool = False,
         colour_tolerance: int = 30,
         min_area: int = 4,
         size_ratio: float = 1.5,
@@ -106,6 +125,7 @@ class ShapesSegmenter(ReferringSegmenter):
                 f"need min_area >= 1, angle_steps >= 1 and size_ratio >= 1, got {min_area}, {angle_steps}, "
                 f"{size_ratio}"
             )
+        self.strict = strict
         self.colour_tolerance = colour_tolerance
         self.min_area = min_area
         self.size_ratio = size_ratio
@@ -113,30 +133,35 @@ class ShapesSegmenter(ReferringSegmenter):
 
     def _segment_regions(self, images, expressions):
         results = []
-        for image, selected in zip(images, self._select(images, expressions)):
+        for image, (selected, score) in zip(images, self._select(images, expressions)):
             mask = np.zeros((image.height, image.width), dtype=np.float32)
             for component in selected:
                 mask[component.mask] = 1.0
-            results.append((mask, 1.0 if selected else 0.0))
+            results.append((mask, score))
         return results
 
     def _segment_instances(self, images, expressions):
         return [
-            [(component.mask.astype(np.float32), 1.0) for component in selected]
-            for selected in self._select(images, expressions)
+            [(component.mask.astype(np.float32), score) for component in selected]
+            for selected, score in self._select(images, expressions)
         ]
 
-    def _select(self, images: list[Image.Image], expressions: list[str]) -> list[list[_Component]]:
+    def _select(self, images: list[Image.Image], expressions: list[str]) -> list[tuple[list[_Component], float]]:
         scenes: dict[int, list[_Component]] = {}  # one analysis per image object in the batch
         selections = []
         for image, expression in zip(images, expressions):
             description = parse_description(expression)
             if description.empty:
-                selections.append([])
+                selections.append(([], 0.0))
                 continue
             if id(image) not in scenes:
                 scenes[id(image)] = self._components(image)
-            selections.append(self._match(scenes[id(image)], description))
+            components = scenes[id(image)]
+            if self.strict:
+                matches = self._match_strict(components, description)
+                selections.append((matches, 1.0 if matches else 0.0))
+            else:
+                selections.append(self._match_best(components, description))
         return selections
 
     def _components(self, image: Image.Image) -> list[_Component]:
@@ -167,21 +192,58 @@ class ShapesSegmenter(ReferringSegmenter):
             )
         return components
 
-    def _match(self, components: list[_Component], description: Description) -> list[_Component]:
+    def _match_best(self, components: list[_Component], description: Description) -> tuple[list[_Component], float]:
+        """The components with the best weighted fit (see the module docstring) and that fit; ([], 0.0) if none fits.
+
+        The weights are a strict priority, so the best fit is found attribute by attribute: keep the candidates that
+        match the colour (if any does), then of those the ones that match the shape, then the size. Shapes are then
+        classified only where they can still decide, which keeps the graded mode about as fast as the strict one.
+        """
+        large = self._large(components) if description.size is not None else None
+        tests = {
+            "colour": lambda k: components[k].colour == description.colour,
+            "shape": lambda k: components[k].shape == description.shape,
+            "size": lambda k: large is None or large[k] == (description.size == "large"),
+        }
+        candidates, fit, total = list(range(len(components))), 0.0, 0.0
+        for name, test in tests.items():
+            if getattr(description, name) is None:
+                continue
+            total += _FIT_WEIGHTS[name]
+            hits = [k for k in candidates if test(k)]
+            if hits:
+                candidates, fit = hits, fit + _FIT_WEIGHTS[name]
+        if fit == 0.0:
+            return [], 0.0
+        return [components[k] for k in candidates], fit / total
+
+    def _large(self, components: list[_Component]) -> list[bool] | None:
+        """Whether each component is on the large side of the largest gap between consecutive areas; None when no
+        gap reaches `size_ratio` (every component is then the same size)."""
+        threshold = self._size_threshold([c.area for c in components])
+        return None if threshold is None else [c.area >= threshold for c in components]
+
+    def _size_threshold(self, areas: list[int]) -> int | None:
+        """The smallest area on the large side of the largest gap, or None when that gap is below `size_ratio`."""
+        if len(areas) < 2:
+            return None
+        areas = sorted(areas)
+        ratios = [larger / smaller for smaller, larger in zip(areas, areas[1:])]
+        gap = int(np.argmax(ratios))
+        return areas[gap + 1] if ratios[gap] >= self.size_ratio else None
+
+    def _match_strict(self, components: list[_Component], description: Description) -> list[_Component]:
         matches = [
             c
             for c in components
             if (description.colour is None or c.colour == description.colour)
             and (description.shape is None or c.shape == description.shape)
         ]
-        if description.size is None or len(matches) < 2:
+        if description.size is None:
             return matches
-        areas = sorted(c.area for c in matches)
-        ratios = [larger / smaller for smaller, larger in zip(areas, areas[1:])]
-        gap = int(np.argmax(ratios))
-        if ratios[gap] < self.size_ratio:
+        threshold = self._size_threshold([c.area for c in matches])
+        if threshold is None:
             return matches
-        threshold = areas[gap + 1]
         if description.size == "large":
             return [c for c in matches if c.area >= threshold]
         return [c for c in matches if c.area < threshold]

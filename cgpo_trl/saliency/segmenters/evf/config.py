@@ -169,6 +169,7 @@ class EvfSamConfig:
         """`Sam2VideoConfig`: the video model because the checkpoints hold SAM-2's memory modules too; SAM 2.1-only
         parts (object-pointer temporal projection, occlusion embedding) are off, as in `sam2_hiera_*.yaml`."""
         from transformers import Sam2HieraDetConfig, Sam2VideoConfig, Sam2VisionConfig
+        from transformers.models.sam2_video.configuration_sam2_video import Sam2VideoMaskDecoderConfig
 
         scale, overrides = SAM2_SCALES[self.sam_scale], self.sam or {}
         backbone = Sam2HieraDetConfig(**{**scale["backbone"], **overrides.get("backbone", {})})
@@ -187,7 +188,10 @@ class EvfSamConfig:
         return Sam2VideoConfig(
             vision_config=Sam2VisionConfig(backbone_config=backbone, **vision),
             prompt_encoder_config={"hidden_size": width, "image_size": image_size, "patch_size": 16},
-            mask_decoder_config={**overrides.get("mask_decoder", {}), "hidden_size": width},
+            # a config object, not a dict: transformers 5.17 builds the dict into the wrong class
+            mask_decoder_config=Sam2VideoMaskDecoderConfig(
+                **{**overrides.get("mask_decoder", {}), "hidden_size": width}
+            ),
             image_size=image_size,
             enable_temporal_pos_encoding_for_object_pointers=False,
             enable_occlusion_spatial_embedding=False,
