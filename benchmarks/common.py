@@ -225,7 +225,10 @@ def saliency_rows(num_samples: int, split: str, seed: int = 0, **options):
 
 
 def saliency_rewards(processor, model, max_completion_length: int, cache_size: int = 4096):
-    """`format` (EOS-aware) + `saliency` (S-measure through the weight-free `shapes` segmenter), as in the demo."""
+    """`format` (EOS-aware) + `saliency` (S-measure through the weight-free `shapes` segmenter), as in the demo.
+
+    `shapes` is graded by default: a partly wrong expression segments the best-fitting object, whose mask quality is
+    the reward (`strict=True` in `segmenter_kwargs` restores all-or-nothing matching)."""
     from cgpo_trl.pipeline import SaliencyScriptArguments, build_reward_funcs
 
     script = SaliencyScriptArguments(

@@ -22,7 +22,8 @@ SmolLM2-135M-Instruct on small additions; `python benchmarks/prepare_smollm2.py`
     python benchmarks/single_rollout.py --task addition --seeds 5 --out benchmarks/results/single_rollout/addition
 
 Each (method, seed) run is written to `<out>/runs/<method>/seed<k>.json` as soon as it ends, so an interrupted
-benchmark resumes; `--jobs 2` runs two at a time (one torch thread each). `--report_only` rebuilds the tables.
+benchmark resumes; the starting checkpoint, logs and trainer folders go to `--work` (not committed). `--jobs 2` runs
+two at a time (one torch thread each). `--report_only` rebuilds the tables.
 """
 
 from __future__ import annotations
@@ -45,9 +46,9 @@ HERE = Path(__file__).resolve().parent
 
 METHODS: dict[str, tuple[str, dict]] = {
     "CGPO default": ("cgpo", {}),
-    "CGPO token + whitening": ("cgpo", dict(scale_rewards="batch")),
-    "CGPO tracker + confidence prior": ("cgpo", dict(baseline="tracker_confidence")),
-    "CGPO tracker + confidence prior, whitened": ("cgpo", dict(baseline="tracker_confidence", scale_rewards="batch")),
+    "CGPO default, whitened": ("cgpo", dict(scale_rewards="batch")),
+    "CGPO value model": ("cgpo", dict(baseline="tracker_confidence")),
+    "CGPO value model, whitened": ("cgpo", dict(baseline="tracker_confidence", scale_rewards="batch")),
     "r - mean(r)": ("cgpo", dict(baseline="batch_mean")),
     "REINFORCE++ k=1": ("cgpo", dict(baseline="batch_mean", scale_rewards="batch")),
     "SPO (tracker, whitened)": ("cgpo", dict(baseline="prompt_tracker", scale_rewards="batch")),
@@ -77,6 +78,8 @@ class Task:
     eval_points: int = 4
     reward_weights: list[float] = field(default_factory=lambda: [1.0])
     extra_config: dict = field(default_factory=dict)
+    method_overrides: dict = field(default_factory=dict)
+    """Per-method config changes, each stated in the report (e.g. A*-PO's own learning rate)."""
 
     def prepare(self, out: Path) -> Path:  # the starting checkpoint
         raise NotImplementedError
@@ -109,6 +112,10 @@ class AdditionTask(Task):
         import cgpo_text_variants as text
 
         self.text = text
+        # A*-PO regresses beta2 * log(pi / pi_ref) onto r - V* with beta2 = 1e-3: at the shared lr (3e-4) it pushes
+        # sampled log-probs by hundreds of nats and collapses (held-out 0.075 ± 0.066, 5 seeds); its lr was picked
+        # from {1e-5, 3e-5, 1e-4} by the final *training* reward of seed 0.
+        self.method_overrides = {"A*-PO (TRL A2PO)": {"learning_rate": 1e-4}}
         self.train_pairs, self.eval_pairs = text.make_pairs(30)
 
     def prepare(self, out: Path) -> Path:
@@ -144,21 +151,17 @@ class AdditionTask(Task):
 
 
 class SmolLM2Task(Task):
-    """Additions a + b (a < 20, b < 10) asked in SmolLM2-135M-Instruct's own chat format; reward 1 when the last
-    number of the answer is the sum. Sampled at temperature 1 the model starts near 15% right."""
+    """One-digit additions asked in SmolLM2-135M-Instruct's own chat format; reward 1 when the last number of the
+    answer is the sum. The real model answers ~80% of them greedily but only ~15% when sampled at temperature 1:
+    the headroom is in sharpening what it knows, which is what a policy gradient does."""
 
     def __init__(self):
         super().__init__(
-            name="smollm2",
-            completions_per_step=8,
-            steps=48,
-            lr=2e-6,
-            max_completion_length=8,
-            eval_points=3,
+            name="smollm2", completions_per_step=8, steps=24, lr=5e-6, max_completion_length=8, eval_points=3
         )
-        pairs = [(a, b) for a in range(20) for b in range(10)]
+        pairs = [(a, b) for a in range(10) for b in range(10)]
         random.Random(0).shuffle(pairs)
-        self.eval_pairs, self.train_pairs = pairs[:40], pairs[40:]
+        self.eval_pairs, self.train_pairs = pairs[:30], pairs[30:]
 
     @staticmethod
     def question(a: int, b: int) -> list[dict]:
@@ -243,9 +246,11 @@ class SaliencyTask(Task):
             name="saliency",
             completions_per_step=16,
             steps=300,
-            lr=1e-4,
+            lr=3e-4,
             max_completion_length=32,
             reward_weights=[0.1, 1.0],
+            # the demo's measured RL settings (docs/demo/rl_sweep.md): a KL penalty to the start keeps it stable
+            extra_config={"beta": 0.1},
         )
         import common
 
@@ -286,6 +291,7 @@ def build_trainer(task: Task, method: str, model, processing_class, seed: int, o
     from cgpo_trl import CGPOConfig, CGPOTrainer
 
     kind, overrides = METHODS[method]
+    overrides = {**overrides, **task.method_overrides.get(method, {})}
     common = dict(
         output_dir=str(out),
         use_cpu=True,
@@ -304,16 +310,15 @@ def build_trainer(task: Task, method: str, model, processing_class, seed: int, o
         max_grad_norm=1.0,
         disable_tqdm=True,
         beta=0.0,
-        **task.extra_config,
     )
+    common.update(task.extra_config)
     funcs = task.reward_funcs(model, processing_class)
     dataset = task.train_dataset()
     if kind == "a2po":
         from trl.experimental.a2po import A2POConfig, A2POTrainer
 
-        args = A2POConfig(
-            **{k: v for k, v in common.items() if k not in ("beta",)}, reward_weights=task.reward_weights
-        )
+        settings = {**{k: v for k, v in common.items() if k != "beta"}, **overrides}
+        args = A2POConfig(**settings, reward_weights=task.reward_weights)
         return A2POTrainer(model, funcs, args=args, train_dataset=dataset, processing_class=processing_class)
     if kind == "grpo":
         args = GRPOConfig(**common, reward_weights=task.reward_weights, **overrides)
@@ -444,7 +449,9 @@ def report(out: Path, task: Task, start: dict) -> str:
             f"| {method} | {len(rs)} | {final:.3f} ± {final_se:.3f} | {timed:.3f} ± {timed_se:.3f} | {greedy:.3f} | "
             f"{rs[0]['final']['completions']} | {seconds:.0f} | {mean_se([r['entropy_ratio'] for r in rs])[0]:.2f} |"
         )
-    lines += ["", *verdict(runs, summary)]
+    for method, changes in task.method_overrides.items():
+        lines.append(f"\n{method} runs with {changes} (see the task's note in benchmarks/single_rollout.py).")
+    lines += ["", *verdict(runs, summary, start)]
     (out / "summary.json").write_text(json.dumps({"task": task.name, "start": start, "methods": summary}, indent=1))
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
@@ -476,7 +483,7 @@ def report(out: Path, task: Task, start: dict) -> str:
     return text
 
 
-def verdict(runs: dict, summary: dict) -> list[str]:
+def verdict(runs: dict, summary: dict, start: dict) -> list[str]:
     """The issue's two claims, computed: a CGPO variant >= 2 s.e. above every single-rollout baseline, and reaching
     GRPO G=8's final score with <= 1/4 of its completions."""
     lines = []
@@ -497,15 +504,21 @@ def verdict(runs: dict, summary: dict) -> list[str]:
     if "GRPO G=8" in runs:
         target = summary["GRPO G=8"]["score"]
         budget = runs["GRPO G=8"][0]["final"]["completions"]
+        if target <= start["score"]:
+            lines.append(
+                f"- GRPO G=8 ends at {target:.3f}, not above the start ({start['score']:.3f}): 'reaching its final "
+                "score' says nothing here, so that claim is not tested on this task"
+            )
+            return lines
         for method in cgpo:
             reached = [
                 next((p["completions"] for p in r["curve"] if p["score"] >= target), math.inf) for r in runs[method]
             ]
-            frac = statistics.mean(min(x, math.inf) for x in reached) / budget
+            frac = statistics.mean(reached) / budget
             lines.append(
                 f"- {method}: reaches GRPO G=8's final held-out score ({target:.3f}) after "
-                f"{'never' if math.isinf(frac) else f'{frac:.2f} x'} GRPO G=8's completions (mean over seeds; "
-                "target <= 0.25)"
+                f"{'never (in some seed)' if math.isinf(frac) else f'{frac:.2f} x'} GRPO G=8's completions (mean "
+                "over seeds; target <= 0.25)"
             )
     return lines
 
@@ -525,10 +538,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", choices=list(TASKS), default="addition")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--work", type=Path, help="checkpoints, logs, trainer folders (default outputs/bench/...)")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--first_seed", type=int, default=0)
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
     parser.add_argument("--steps", type=int, help="override the task's steps")
+    parser.add_argument("--lr", type=float, help="override the task's learning rate")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--report_only", action="store_true")
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "SEED"), help=argparse.SUPPRESS)
@@ -537,17 +552,23 @@ def main() -> None:
     task = TASKS[args.task]()
     if args.steps:
         task.steps = args.steps
+    if args.lr:
+        task.lr = args.lr
     out = args.out or Path("outputs/bench/single_rollout") / args.task
+    work = args.work or Path("outputs/bench/single_rollout_work") / args.task
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint = task.prepare(out)
+    work.mkdir(parents=True, exist_ok=True)
+    checkpoint = task.prepare(work)
     if args.one:
         method, seed = args.one[0], int(args.one[1])
-        result = run_one(task, method, seed, checkpoint, out / "work" / slug(method) / f"seed{seed}")
+        result = run_one(task, method, seed, checkpoint, work / slug(method) / f"seed{seed}")
         path = out / "runs" / slug(method) / f"seed{seed}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1))
         return
     start = start_score(task, checkpoint, out)
+    if (work / "start.json").exists():
+        start["preparation"] = json.loads((work / "start.json").read_text())
     if not args.report_only:
         todo = [
             (m, s)
@@ -560,12 +581,14 @@ def main() -> None:
             while len(running) >= args.jobs:
                 running = [p for p in running if p.poll() is None]
                 time.sleep(1)
-            cmd = [sys.executable, __file__, "--task", args.task, "--out", str(out), "--one", method, str(seed)]
+            cmd = [sys.executable, __file__, "--task", args.task, "--out", str(out), "--work", str(work)]
+            cmd += ["--one", method, str(seed)]
             if args.steps:
                 cmd += ["--steps", str(args.steps)]
+            if args.lr:
+                cmd += ["--lr", str(args.lr)]
             print(f"[{index + 1}/{len(todo)}] {method} seed {seed}", flush=True)
-            (out / "work").mkdir(parents=True, exist_ok=True)
-            with open(out / "work" / f"{slug(method)}_seed{seed}.log", "w") as log:
+            with open(work / f"{slug(method)}_seed{seed}.log", "w") as log:
                 running.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
         for p in running:
             p.wait()

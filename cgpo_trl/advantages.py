@@ -14,10 +14,12 @@ Baselines (``CGPOConfig.baseline``):
 * ``batch_mean`` — the global batch's mean reward (with ``scale="batch"`` this is REINFORCE++ with k = 1);
 * ``prompt_tracker`` — SPO's per-prompt value ``v(x)`` (`cgpo_trl.baselines.PromptTracker`); prompts never seen
   fall back to the global batch's mean reward;
-* ``tracker_confidence`` — the tracker for prompts seen before, the (calibrated) confidence baseline for new ones.
+* ``tracker_confidence`` — a value model from two free features: ``g(c, v(x))``, the online map of the confidence
+  and the prompt's tracked value (the batch's mean reward for prompts never seen), fitted on earlier batches.
 
-``scale="batch"`` divides by the global standard deviation of the advantages (over completions, or over valid
-tokens for token-level advantages): GRPO's ``scale_rewards="batch"``.
+``scale="batch"`` divides by the advantages' root mean square over the global batch (over completions, or over valid
+tokens for token-level advantages), plus GRPO's 1e-4: for the centred ``batch_mean`` this is GRPO's
+``scale_rewards="batch"`` (with the population standard deviation), and it never divides a non-zero advantage by ~0.
 """
 
 from __future__ import annotations
@@ -60,6 +62,11 @@ class AdvantageSettings:
         ):
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} is not one of {allowed}")
+        if self.baseline == "tracker_confidence" and self.calibration != "online":
+            raise ValueError(
+                "baseline='tracker_confidence' is the online map g(confidence, prompt value): it needs "
+                f"confidence_calibration='online', got {self.calibration!r}"
+            )
 
 
 @dataclass
@@ -84,6 +91,8 @@ class AdvantageOutputs:
     """What was subtracted from r before centring and scaling, same shape as `advantages`."""
     scale: float
     """The divisor applied (1.0 unless scale="batch")."""
+    prompt_values: torch.Tensor | None = None
+    """(B,) the prompt values the baseline read, unseen prompts filled with the batch's mean reward."""
 
 
 def compute_advantages(
@@ -101,17 +110,16 @@ def compute_advantages(
 
     if settings.baseline == "batch_mean":
         baseline = torch.full_like(rewards, float(mean_reward))
+    values = None
+    if settings.baseline in TRACKER_BASELINES:
+        values = _require(inputs.prompt_values, "prompt_values", settings).float()
+        values = torch.where(torch.isnan(values), mean_reward, values)  # a prompt never seen: the batch's mean
+    if settings.baseline == "batch_mean":
+        baseline = torch.full_like(rewards, float(mean_reward))
     elif settings.baseline == "prompt_tracker":
-        baseline = _require(inputs.prompt_values, "prompt_values", settings).float()
-        baseline = torch.where(torch.isnan(baseline), mean_reward, baseline)
+        baseline = values
     else:
-        baseline = _confidence_baseline(inputs, settings, calibrator, mean_reward)
-        if settings.baseline == "tracker_confidence":
-            values = _require(inputs.prompt_values, "prompt_values", settings).float()
-            seen = ~torch.isnan(values)
-            if baseline.dim() == 2:
-                seen, values = seen.unsqueeze(1), values.unsqueeze(1).expand_as(baseline)
-            baseline = torch.where(seen, values, baseline)
+        baseline = _confidence_baseline(inputs, settings, calibrator, mean_reward, values)
 
     r = rewards if baseline.dim() == 1 else rewards.unsqueeze(1)
     advantages = r - baseline
@@ -124,14 +132,14 @@ def compute_advantages(
     advantages = _zero_unscored(advantages, scored, mask)
     scale = 1.0
     if settings.scale == "batch":
-        scale = _global_std(advantages, scored, mask, gather) + STD_EPS
+        scale = _global_rms(advantages, scored, mask, gather) + STD_EPS
         advantages = advantages / scale
     if settings.clip is not None:
         advantages = advantages.clamp(-settings.clip, settings.clip)
-    return AdvantageOutputs(advantages=advantages, baseline=baseline, scale=scale)
+    return AdvantageOutputs(advantages=advantages, baseline=baseline, scale=scale, prompt_values=values)
 
 
-def _confidence_baseline(inputs, settings, calibrator, mean_reward) -> torch.Tensor:
+def _confidence_baseline(inputs, settings, calibrator, mean_reward, values) -> torch.Tensor:
     confidence = _require(inputs.confidence, "confidence", settings).float()
     if settings.calibration != "online":
         return confidence
@@ -139,6 +147,8 @@ def _confidence_baseline(inputs, settings, calibrator, mean_reward) -> torch.Ten
         raise ValueError("confidence_calibration='online' needs an OnlineCalibrator")
     if not calibrator.fitted:  # cold start: the global batch's mean reward, never "no baseline at all"
         return torch.full_like(confidence, float(mean_reward))
+    if values is not None:
+        return calibrator(confidence, values.unsqueeze(1) if confidence.dim() == 2 else values)
     return calibrator(confidence)
 
 
@@ -154,17 +164,16 @@ def _zero_unscored(advantages: torch.Tensor, scored: torch.Tensor, mask: torch.T
     return torch.where(scored.unsqueeze(1), advantages, torch.zeros_like(advantages)) * mask
 
 
-def _global_std(advantages, scored, mask, gather) -> float:
-    """Standard deviation over every process's completions (or valid tokens), from gathered sums."""
+def _global_rms(advantages, scored, mask, gather) -> float:
+    """Root mean square of the advantages over every process's completions (or valid tokens), from gathered sums.
+
+    For a centred baseline (`batch_mean`) this is their standard deviation; unlike the standard deviation it is 0
+    only when every advantage is 0, so an uncentred token baseline with identical advantages is never divided by ~0.
+    """
     weights = scored.float() if advantages.dim() == 1 else mask * scored.float().unsqueeze(1)
-    local = torch.stack([(advantages * weights).sum(), (advantages**2 * weights).sum(), weights.sum()]).double()
-    total = gather(local.reshape(1, 3)).reshape(-1, 3).sum(0)
-    count = float(total[2])
-    if count < 2:
-        return 0.0
-    mean = float(total[0]) / count
-    variance = max(float(total[1]) / count - mean**2, 0.0) * count / (count - 1)
-    return math.sqrt(variance)
+    local = torch.stack([(advantages**2 * weights).sum(), weights.sum()]).double()
+    total = gather(local.reshape(1, 2)).reshape(-1, 2).sum(0)
+    return math.sqrt(float(total[0]) / float(total[1])) if float(total[1]) > 0 else 0.0
 
 
 def scale_rewards(rewards_per_func: torch.Tensor, weights: torch.Tensor, scaling: str) -> torch.Tensor:

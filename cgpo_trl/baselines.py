@@ -5,8 +5,8 @@ Each prompt x keeps a Beta(alpha, beta) belief about its success rate; the basel
 ``alpha <- rho * alpha + r``, ``beta <- rho * beta + (1 - r)``, so old evidence fades as the policy changes.
 ``v(x)`` is read *before* the visit's own update, so it never depends on the sample it is subtracted from.
 
-A prompt seen for the first time has no belief: the trainer supplies the fallback (the global batch's mean
-reward, or the calibrated confidence with `baseline="tracker_confidence"`). The state is keyed by a stable hash of
+A prompt seen for the first time has no belief: its value is the global batch's mean reward (and, with
+`baseline="tracker_confidence"`, the online value model also reads the model's confidence). The state is keyed by a stable hash of
 the prompt and its images, updated identically on every process from gathered keys and rewards, and saved in
 checkpoints.
 """
@@ -76,27 +76,15 @@ class PromptTracker:
             out.append(math.nan if a is None or a + b <= 0 else a / (a + b))
         return torch.tensor(out, dtype=torch.float32)
 
-    def update(self, keys: list[int], rewards: torch.Tensor, prior: torch.Tensor | None = None) -> None:
-        """One visit per (key, r), in order; NaN rewards are skipped.
-
-        ``prior`` (same length, optional) seeds a prompt seen for the first time with one pseudo-observation of its
-        value before the visit is added (SPO warm-starts from offline estimates the same way); without it the first
-        visit alone sets the belief.
-        """
-        rewards = rewards.detach().float().cpu().tolist()
-        priors = [math.nan] * len(keys) if prior is None else prior.detach().float().cpu().tolist()
-        for key, r, p in zip(keys, rewards, priors):
+    def update(self, keys: list[int], rewards: torch.Tensor) -> None:
+        """One visit per (key, r), in order; NaN rewards are skipped. The first visit alone sets the belief."""
+        for key, r in zip(keys, rewards.detach().float().cpu().tolist()):
             if math.isnan(r):
                 continue
             if not 0.0 <= r <= 1.0:
                 raise ValueError(f"the prompt tracker needs rewards in [0, 1], got {r}")
-            if key not in self.alpha:
-                seeded = not math.isnan(p)
-                self.alpha[key], self.beta[key] = (
-                    (min(max(p, 0.0), 1.0), 1.0 - min(max(p, 0.0), 1.0)) if seeded else (0.0, 0.0)
-                )
-            self.alpha[key] = self.rho * self.alpha[key] + r
-            self.beta[key] = self.rho * self.beta[key] + (1.0 - r)
+            self.alpha[key] = self.rho * self.alpha.get(key, 0.0) + r
+            self.beta[key] = self.rho * self.beta.get(key, 0.0) + (1.0 - r)
 
     def __len__(self) -> int:
         return len(self.alpha)

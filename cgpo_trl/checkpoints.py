@@ -26,6 +26,8 @@ from transformers import PreTrainedModel
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer, SFTTrainer
 
+from .fixes import GRPOFixesMixin
+
 logger = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
@@ -252,8 +254,9 @@ class ResumableSFTTrainer(ResumableTrainerMixin, SFTTrainer):
     """`trl.SFTTrainer` whose resume restores every weight (stage 1 of the pipeline)."""
 
 
-class ResumableGRPOTrainer(ResumableTrainerMixin, GRPOTrainer):
-    """`trl.GRPOTrainer` whose resume restores every weight (the GRPO baseline of the pipeline)."""
+class ResumableGRPOTrainer(ResumableTrainerMixin, GRPOFixesMixin, GRPOTrainer):
+    """`trl.GRPOTrainer` whose resume restores every weight (the GRPO baseline of the pipeline), with the reward
+    checks and the colocated-vLLM image fix of `cgpo_trl.fixes`."""
 
 
 def warn_missing_state(checkpoint: str | os.PathLike, file_name: str, consequence: str) -> None:

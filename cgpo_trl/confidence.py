@@ -166,24 +166,33 @@ def span_mask_from_text(pieces: list[str], open_marker: str, close_marker: str) 
 
 @dataclass
 class OnlineCalibrator:
-    """Monotone map g: confidence -> expected reward, refitted on a sliding window of recent (c, r) pairs (one per
-    completion for sequence confidences, a few per completion for token baselines: see `token_pairs`).
+    """Monotone map g: confidence (and optionally a per-prompt value) -> expected reward, refitted on a sliding window
+    of recent pairs (one per completion for sequence confidences, a few per completion for token baselines: see
+    `token_pairs`).
 
-    g(c) = sigmoid(a * logit(c) + b) with a >= 0 (Platt scaling with soft targets, fitted in float64). Pairs are
-    `add`ed when a generated batch is first scored and `commit`ted (window update + refit) only after the batch's
-    last use, so g never scores a batch it was fitted on, even when TRL reuses a generation (`num_iterations > 1`,
-    `steps_per_generation > 1`). The window holds pairs gathered from every process, so every process fits the same
-    map. Until ``min_pairs`` pairs have been committed the map is not fitted (`fitted` is False) and the caller picks
-    the fallback (the trainer uses the global batch's mean reward).
+    g(c) = sigmoid(a * logit(c) + b) with a >= 0 (Platt scaling with soft targets, fitted in float64). With
+    ``with_values=True`` the map also reads the prompt's tracked value v (`baseline="tracker_confidence"`):
+    g(c, v) = sigmoid(a * logit(c) + a_value * logit(v) + b), a, a_value >= 0 — a two-feature value model whose
+    features depend only on the prompt and the tokens before each position, so subtracting it stays unbiased.
+
+    Pairs are `add`ed when a generated batch is first scored and `commit`ted (window update + refit) only after the
+    batch's last use, so g never scores a batch it was fitted on, even when TRL reuses a generation
+    (`num_iterations > 1`, `steps_per_generation > 1`). The window holds pairs gathered from every process, so every
+    process fits the same map. Until ``min_pairs`` pairs have been committed the map is not fitted (`fitted` is
+    False) and the caller picks the fallback (the trainer uses the global batch's mean reward).
     """
 
     window: int = 2048
     min_pairs: int = 64
+    with_values: bool = False
     confidences: list[float] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)
     pending_confidences: list[float] = field(default_factory=list)
+    pending_values: list[float] = field(default_factory=list)
     pending_rewards: list[float] = field(default_factory=list)
     a: float | None = None
+    a_value: float | None = None
     b: float | None = None
 
     def __post_init__(self):
@@ -198,14 +207,24 @@ class OnlineCalibrator:
     def fitted(self) -> bool:
         return self.a is not None
 
-    def __call__(self, c: torch.Tensor) -> torch.Tensor:
+    def __call__(self, c: torch.Tensor, v: torch.Tensor | None = None) -> torch.Tensor:
         if not self.fitted:
             raise RuntimeError("the online calibration map is not fitted yet; check `fitted` first")
-        return torch.sigmoid(self.a * torch.logit(c.double().clamp(1e-4, 1 - 1e-4)) + self.b).to(c.dtype)
+        logit = self.a * _logit(c) + self.b
+        if self.with_values:
+            if v is None:
+                raise ValueError("this calibration map also reads the prompt value: pass `v`")
+            logit = logit + self.a_value * _logit(v.expand_as(c) if v.dim() < c.dim() else v)
+        return torch.sigmoid(logit).to(c.dtype)
 
-    def add(self, c: torch.Tensor, r: torch.Tensor) -> None:
-        """Queue pairs for the next `commit` (NaN pairs are dropped)."""
+    def add(self, c: torch.Tensor, r: torch.Tensor, v: torch.Tensor | None = None) -> None:
+        """Queue pairs for the next `commit` (pairs with a NaN are dropped)."""
+        if self.with_values and v is None:
+            raise ValueError("this calibration map also reads the prompt value: pass `v`")
         keep = ~(torch.isnan(c) | torch.isnan(r))
+        if self.with_values:
+            keep &= ~torch.isnan(v)
+            self.pending_values.extend(v[keep].tolist())
         self.pending_confidences.extend(c[keep].tolist())
         self.pending_rewards.extend(r[keep].tolist())
 
@@ -214,46 +233,80 @@ class OnlineCalibrator:
         if not self.pending_rewards:
             return
         self.confidences.extend(self.pending_confidences)
+        self.values.extend(self.pending_values)
         self.rewards.extend(self.pending_rewards)
-        self.pending_confidences, self.pending_rewards = [], []
-        del self.confidences[: -self.window], self.rewards[: -self.window]
+        self.pending_confidences, self.pending_values, self.pending_rewards = [], [], []
+        del self.confidences[: -self.window], self.values[: -self.window], self.rewards[: -self.window]
         if len(self.rewards) >= self.min_pairs:
-            self.a, self.b = _fit_platt(np.asarray(self.confidences), np.asarray(self.rewards))
+            features = [np.asarray(self.confidences)] + ([np.asarray(self.values)] if self.with_values else [])
+            slopes, self.b = _fit_platt(np.stack(features, axis=1), np.asarray(self.rewards))
+            self.a = slopes[0]
+            self.a_value = slopes[1] if self.with_values else None
 
-    _STATE = ("window", "min_pairs", "confidences", "rewards", "pending_confidences", "pending_rewards", "a", "b")
+    _STATE = (
+        "window",
+        "min_pairs",
+        "with_values",
+        "confidences",
+        "values",
+        "rewards",
+        "pending_confidences",
+        "pending_values",
+        "pending_rewards",
+        "a",
+        "a_value",
+        "b",
+    )
+    _OPTIONAL = {"with_values": False, "values": [], "a_value": None}  # absent from states saved before they existed
 
     def state_dict(self) -> dict:
         return {key: getattr(self, key) for key in self._STATE}
 
     def load_state_dict(self, state: dict) -> None:
-        missing = [key for key in self._STATE if key not in state and not key.startswith("pending")]
+        optional = {*self._OPTIONAL, *(key for key in self._STATE if key.startswith("pending"))}
+        missing = [key for key in self._STATE if key not in state and key not in optional]
         if missing:
             raise ValueError(f"calibration state is missing {missing}")
+        if bool(state.get("with_values", False)) != self.with_values:
+            raise ValueError(
+                f"the saved calibration map {'reads' if state.get('with_values') else 'does not read'} prompt values "
+                f"and this one {'does' if self.with_values else 'does not'}: was the baseline changed?"
+            )
         for key in self._STATE:
-            setattr(self, key, state.get(key, []))
+            default = self._OPTIONAL.get(key, [])
+            setattr(self, key, state.get(key, default))
 
 
-def _fit_platt(c: np.ndarray, r: np.ndarray, l2: float = 1e-3) -> tuple[float, float]:
-    """Fit g(c) = sigmoid(a * logit(c) + b), a >= 0, by soft-target cross-entropy.
+def _logit(x: torch.Tensor) -> torch.Tensor:
+    return torch.logit(x.double().clamp(1e-4, 1 - 1e-4))
 
-    Confidences crowd near 1 (logits with a large mean and a small spread), which makes plain Newton steps diverge;
-    the fit runs on the standardised logit with a bound-constrained quasi-Newton solver and is mapped back.
+
+def _fit_platt(features: np.ndarray, r: np.ndarray, l2: float = 1e-3) -> tuple[list[float], float]:
+    """Fit g = sigmoid(sum_j a_j * logit(x_j) + b), every a_j >= 0, by soft-target cross-entropy.
+
+    `features` is (n, k) of values in [0, 1]. Confidences crowd near 1 (logits with a large mean and a small spread),
+    which makes plain Newton steps diverge; the fit runs on standardised logits with a bound-constrained quasi-Newton
+    solver and is mapped back. Returns the slopes and the intercept.
     """
-    x = np.log(np.clip(c, 1e-4, 1 - 1e-4)) - np.log1p(-np.clip(c, 1e-4, 1 - 1e-4))
+    clipped = np.clip(features, 1e-4, 1 - 1e-4)
+    x = np.log(clipped) - np.log1p(-clipped)
     r = np.clip(r, 0.0, 1.0)
-    mu, sd = float(x.mean()), float(x.std()) or 1.0
+    mu, sd = x.mean(0), x.std(0)
+    sd = np.where(sd > 0, sd, 1.0)
     z = (x - mu) / sd
+    k = z.shape[1]
 
     def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
-        logits = w[0] * z + w[1]
-        value = np.mean(np.logaddexp(0.0, logits) - r * logits) + 0.5 * l2 * w[0] ** 2
+        logits = z @ w[:k] + w[k]
+        value = np.mean(np.logaddexp(0.0, logits) - r * logits) + 0.5 * l2 * float(w[:k] @ w[:k])
         residual = expit(logits) - r
-        return value, np.array([np.mean(residual * z) + l2 * w[0], np.mean(residual)])
+        return value, np.concatenate([z.T @ residual / len(r) + l2 * w[:k], [np.mean(residual)]])
 
     mean = float(np.clip(r.mean(), 1e-4, 1 - 1e-4))
-    start = np.array([0.0, math.log(mean / (1 - mean))])
-    w = minimize(loss, start, jac=True, method="L-BFGS-B", bounds=[(0.0, None), (None, None)]).x
-    return float(w[0] / sd), float(w[1] - w[0] * mu / sd)
+    start = np.concatenate([np.zeros(k), [math.log(mean / (1 - mean))]])
+    w = minimize(loss, start, jac=True, method="L-BFGS-B", bounds=[(0.0, None)] * k + [(None, None)]).x
+    slopes = w[:k] / sd
+    return [float(a) for a in slopes], float(w[k] - slopes @ mu)
 
 
 def token_pairs(

@@ -42,9 +42,11 @@ class CGPOConfig(GRPOConfig):
             What is subtracted from `r`: `"confidence"` (the model's confidence, below), `"batch_mean"` (the global
             batch's mean reward; with `scale_rewards="batch"` this is REINFORCE++ with one sample), `"prompt_tracker"`
             (SPO's per-prompt Beta value tracker, state shared across processes and saved in checkpoints) or
-            `"tracker_confidence"` (the tracker for prompts seen before, the confidence baseline for new ones).
+            `"tracker_confidence"` (an online value model `g(c, v(x))` of the confidence and the tracked prompt value,
+            fitted on earlier batches; needs `confidence_calibration="online"`).
         scale_rewards (`str`, defaults to `"none"`):
-            `"none"` or `"batch"` (divide the advantages by their global standard deviation, as GRPO's `"batch"`).
+            `"none"` or `"batch"` (divide the advantages by their root mean square over the global batch: for the
+            centred `batch_mean` baseline, their standard deviation, as GRPO's `"batch"`).
             GRPO's `"group"` has no meaning without groups and is refused.
         tracker_rho (`float`, defaults to `0.9`):
             Forgetting factor of the per-prompt tracker: `alpha <- rho * alpha + r`, `beta <- rho * beta + 1 - r`.
@@ -90,7 +92,7 @@ class CGPOConfig(GRPOConfig):
     )
     scale_rewards: str = field(
         default="none",
-        metadata={"help": "`none` or `batch` (divide advantages by their global std). `group` is refused."},
+        metadata={"help": "`none` or `batch` (divide advantages by their global RMS). `group` is refused."},
     )
     tracker_rho: float = field(default=0.9, metadata={"help": "Forgetting factor of the per-prompt tracker."})
     confidence_logps: str = field(
@@ -188,7 +190,7 @@ class CGPOConfig(GRPOConfig):
         if self.scale_rewards == "group":
             raise ValueError(
                 "scale_rewards='group' normalises within groups of completions of one prompt; CGPO has no groups. "
-                "Use scale_rewards='batch' (global standard deviation) or 'none'"
+                "Use scale_rewards='batch' (global scale) or 'none'"
             )
         if self.scale_rewards not in SCALES:
             raise ValueError(f"scale_rewards={self.scale_rewards!r} is not one of {SCALES}")
@@ -199,6 +201,11 @@ class CGPOConfig(GRPOConfig):
             )
         if self.confidence_logps not in CONFIDENCE_LOGPS:
             raise ValueError(f"confidence_logps={self.confidence_logps!r} is not one of {CONFIDENCE_LOGPS}")
+        if self.baseline == "tracker_confidence" and self.confidence_calibration != "online":
+            raise ValueError(
+                "baseline='tracker_confidence' is the online map g(confidence, prompt value): it needs "
+                f"confidence_calibration='online', got {self.confidence_calibration!r}"
+            )
         if self.baseline in TRACKER_BASELINES and not 0.0 < self.tracker_rho <= 1.0:
             raise ValueError(f"tracker_rho must be in (0, 1], got {self.tracker_rho}")
         if self.reward_weights is not None and self.needs_unit_rewards and any(w < 0 for w in self.reward_weights):

@@ -3,8 +3,8 @@
 What differs from GRPO, all plumbing around one pure function (`cgpo_trl.advantages.compute_advantages`):
 
 1. Rollouts: `num_generations` independent completions per prompt (1 by default); no group statistics.
-2. Rewards: `_calculate_rewards` checks each function's values (non-finite -> no reward, outside [0, 1] -> clipped,
-   with a warning naming the function), and the weighted, scaled reward `r` rides with the batch (`cgpo_rewards`),
+2. Rewards: each function's values are checked (`cgpo_trl.fixes`: non-finite -> no reward, outside [0, 1] ->
+   clipped, with a warning naming the function), and the weighted, scaled reward `r` rides with the batch (`cgpo_rewards`),
    like every other per-sample tensor TRL shuffles and splits, together with a stable key per prompt for the
    per-prompt tracker.
 3. Advantages: computed inside the loss step from what its own forward pass produces (log-probs, and the next-token
@@ -40,7 +40,6 @@ from .advantages import (
     AdvantageInputs,
     AdvantageOutputs,
     AdvantageSettings,
-    check_rewards,
     compute_advantages,
     scale_rewards,
 )
@@ -56,6 +55,7 @@ from .confidence import (
     token_pairs,
 )
 from .config import CGPOConfig
+from .fixes import GRPOFixesMixin
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class _TokenCapture:
     hidden: list[torch.Tensor] = field(default_factory=list)
 
 
-class CGPOTrainer(ResumableTrainerMixin, GRPOTrainer):
+class CGPOTrainer(ResumableTrainerMixin, GRPOFixesMixin, GRPOTrainer):
     """Drop-in replacement for [`~trl.GRPOTrainer`] (same constructor) that trains with CGPO advantages."""
 
     _tag_names = ["trl", "cgpo"]
@@ -84,6 +84,7 @@ class CGPOTrainer(ResumableTrainerMixin, GRPOTrainer):
             args = CGPOConfig(f"{str(name).rstrip('/').split('/')[-1]}-CGPO")
         if not isinstance(args, CGPOConfig):
             raise TypeError(f"CGPOTrainer needs args=CGPOConfig(...), got {type(args).__name__}")
+        self.unit_range_rewards = args.needs_unit_rewards
         super().__init__(model, reward_funcs, args, *pos, **kwargs)
         self.advantage_settings = AdvantageSettings(
             args.baseline, args.confidence_calibration, args.scale_rewards, args.advantage_clip
@@ -93,7 +94,9 @@ class CGPOTrainer(ResumableTrainerMixin, GRPOTrainer):
             get_confidence_estimator(args.confidence, args.confidence_level) if uses_confidence else None
         )
         self.calibrator = (
-            OnlineCalibrator(args.calibration_window, args.calibration_min_pairs)
+            OnlineCalibrator(
+                args.calibration_window, args.calibration_min_pairs, with_values=args.baseline == "tracker_confidence"
+            )
             if uses_confidence and args.confidence_calibration == "online"
             else None
         )
@@ -101,7 +104,6 @@ class CGPOTrainer(ResumableTrainerMixin, GRPOTrainer):
         self._token_level = uses_confidence and args.confidence_level == "token"
         self._loss_inputs: dict | None = None  # set while TRL's loss pass runs
         self._entropy_ref: float | None = None
-        self._reported_reward_problems: set[tuple[str, str]] = set()
         self._check_reward_weights()
         if self._token_level:
             # TRL's own fused head, asked for one more free statistic; nothing else stays on the model.
@@ -130,25 +132,7 @@ class CGPOTrainer(ResumableTrainerMixin, GRPOTrainer):
 
     # ------------------------------------------------------------------ generation side: rewards and prompt keys
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        rewards_per_func, problems = check_rewards(
-            rewards_per_func, list(self.reward_func_names), self.args.needs_unit_rewards
-        )
-        mode = "train" if self.model.training else "eval"
-        for problem in problems:
-            self._metrics[mode][f"cgpo/invalid_rewards/{problem.function}"].append(float(problem.count))
-            if (problem.function, problem.kind) not in self._reported_reward_problems:
-                self._reported_reward_problems.add((problem.function, problem.kind))
-                action = "treated as no reward" if problem.kind == "non-finite" else "clipped to [0, 1]"
-                logger.warning(
-                    "reward function %r returned %d %s value(s) (e.g. %r): %s. Logged as cgpo/invalid_rewards/%s",
-                    problem.function,
-                    problem.count,
-                    problem.kind,
-                    problem.example,
-                    action,
-                    problem.function,
-                )
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)  # checked
         self._scaled_rewards = scale_rewards(
             rewards_per_func, self.reward_weights.to(rewards_per_func.device), self.args.reward_scaling
         )
@@ -265,17 +249,19 @@ class CGPOTrainer(ResumableTrainerMixin, GRPOTrainer):
         """After the advantages were computed: the calibration pairs and the tracker's visits of this batch."""
         gather = self.accelerator.gather
         if self.calibrator is not None:
+            values = result.prompt_values
             if confidence.dim() == 2:
                 pair_c, pair_r = token_pairs(confidence, mask, rewards)
-                self.calibrator.add(gather(pair_c).flatten(), gather(pair_r).flatten())
+                pair_v = None if values is None else values.unsqueeze(1).expand_as(pair_c)
             else:
-                self.calibrator.add(gather(confidence), gather(rewards))
+                pair_c, pair_r, pair_v = confidence, rewards, values
+            self.calibrator.add(
+                gather(pair_c).flatten(),
+                gather(pair_r).flatten(),
+                None if pair_v is None else gather(pair_v).flatten(),
+            )
         if self.tracker is not None:
-            prior = None
-            if self.args.baseline == "tracker_confidence":
-                baseline = result.baseline if result.baseline.dim() == 1 else masked_mean(result.baseline, mask)
-                prior = gather(baseline)
-            self.tracker.update(keys.tolist(), gather(rewards), prior)
+            self.tracker.update(keys.tolist(), gather(rewards))
 
     # ------------------------------------------------------------------ logging
     def _log_cgpo_metrics(self, rewards, confidence, values, result: AdvantageOutputs, mask, entropies) -> None:
@@ -311,7 +297,10 @@ class CGPOTrainer(ResumableTrainerMixin, GRPOTrainer):
             if c.numel() > 1 and r.std() > 0 and c.std() > 0:
                 metrics["cgpo/confidence_reward_corr"].append(torch.corrcoef(torch.stack([c, r]))[0, 1].item())
             if self.calibrator is not None and self.calibrator.fitted:
-                calibrated = self.calibrator(confidence)
+                values = result.prompt_values
+                if values is not None and confidence.dim() == 2:
+                    values = values.unsqueeze(1)
+                calibrated = self.calibrator(confidence, values)
                 metrics["cgpo/confidence_calibrated"].append(
                     gather(per_completion(calibrated))[keep].mean().item() if c.numel() else math.nan
                 )

@@ -1,6 +1,6 @@
 """`make demo`: the whole Saliency-R1 pipeline on the embedded synthetic benchmark, offline, on a CPU.
 
-    python recipes/demo.py --out outputs/demo                  # ~15 minutes on 2 cores
+    python recipes/demo.py --out outputs/demo                  # ~12 minutes on 2 cores (README: measured)
     python recipes/demo.py --out /tmp/demo --quick             # a few steps of everything (tests)
 
 1. build the tiny Qwen2.5-VL (random init, 0.66 M parameters; `model_name_or_path: tiny-random`);
@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -65,16 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder")
     parser.add_argument("--sft_config", type=Path, default=RECIPES / "demo_cpu_sft.yaml")
     parser.add_argument("--rl_config", type=Path, default=RECIPES / "demo_cpu.yaml")
-    parser.add_argument("--sft_minutes", type=float, default=7.0, help="SFT wall-time budget")
+    parser.add_argument("--sft_minutes", type=float, default=6.0, help="SFT wall-time budget")
     parser.add_argument("--sft_steps", type=int, default=None, help="SFT step cap (default: the YAML's max_steps)")
     parser.add_argument("--rl_steps", type=int, default=None, help="RL steps (default: the YAML's max_steps)")
     parser.add_argument(
-        "--rl_minutes", type=float, default=6.0, help="wall-time cap of each RL run (a safety net: runs stop by steps)"
+        "--rl_minutes", type=float, default=6.0, help="wall-time cap of the CGPO run (a safety net: it stops by steps)"
     )
     parser.add_argument(
         "--grpo_generations", type=int, default=4, help="GRPO group size for the comparison row (0: no GRPO row)"
     )
-    parser.add_argument("--eval_samples", type=int, default=300, help="held-out rows per task (CoSOD: groups)")
+    parser.add_argument("--eval_samples", type=int, default=600, help="held-out rows per task (CoSOD: groups)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a few steps and a small eval: checks the plumbing")
     parser.add_argument("--no_progress", action="store_true", help="hide progress bars")
@@ -87,8 +88,9 @@ def stage_args(config: Path, extra: list[str], dataclass_types):
     return parse_args(dataclass_types, ["--config", str(config), *extra])
 
 
-def eval_rows(script_args, num_samples: int):
-    """Held-out rows: the training mixture's synthetic components, re-drawn from the `validation` stream."""
+def eval_rows(script_args, num_samples: int) -> dict[str, list[dict]]:
+    """Held-out rows: the training mixture's synthetic components, re-drawn from the `validation` stream, decoded
+    once (every stage reads the same rows)."""
     from dataclasses import replace
 
     from cgpo_trl.pipeline import build_mixture
@@ -99,7 +101,8 @@ def eval_rows(script_args, num_samples: int):
             continue
         options = {k: v for k, v in spec.options.items() if k != "single_object_fraction"}  # full difficulty
         held_out = replace(spec, split="validation", num_samples=num_samples, weight=1.0, options=options)
-        per_task[spec.task] = build_mixture([held_out], instruction=script_args.instruction)
+        rows = build_mixture([held_out], instruction=script_args.instruction)
+        per_task[spec.task] = [rows[i] for i in range(len(rows))]
     return per_task
 
 
@@ -168,36 +171,54 @@ def ap_replicates(results_json: Path, annotations_json: Path, replicates: int, s
     return value, np.array([ap(rng.integers(0, num_images, num_images)) for _ in range(replicates)])
 
 
+def region_scores(masks_dir: Path, gt_dir: Path, grouped: bool) -> dict[str, tuple[float, float]]:
+    """(S-measure, MAE) per image, read and resized as `evaluate_sod` (linear) / `evaluate_cosod` (cubic) do and
+    scored by pysodmetrics, so their means are those functions' Sm and MAE (only these two: the other metrics would
+    cost most of the demo's evaluation time)."""
+    import py_sod_metrics as psm
+
+    from cgpo_trl.saliency.metrics import load_pair, match_files
+
+    scores = {}
+    for key, (pred_path, gt_path) in match_files(masks_dir, gt_dir, grouped=grouped).pairs.items():
+        pred, gt = load_pair(pred_path, gt_path, "cubic" if grouped else "linear")
+        sm, mae = psm.Smeasure(), psm.MAE()
+        sm.step(pred, gt)
+        mae.step(pred, gt)
+        scores[key] = (float(sm.get_results()["sm"]), float(mae.get_results()["mae"]))
+    return scores
+
+
 def evaluate_stage(name, model, processor, rows_by_task, reward_funcs, weights, out: Path, max_new_tokens, progress):
     """Greedy answers -> masks (shapes segmenter) -> metrics with standard errors.
 
     Returns (metrics, samples): `metrics[key]`, `metrics[key + "_se"]` and `metrics[key + "_n"]` (the rows the
     standard error is over) for `RESULT_KEYS` and the well-formed rate per task; `samples[key]` the per-row values
-    (keyed by row) or, for `sis_AP`, the bootstrap replicates, which `compare` pairs across stages.
+    (keyed by row) or, for `sis_AP`, the bootstrap replicates, which `compare` pairs across stages, and
+    `samples["expressions"]` every expression the stage wrote.
     """
     from cgpo_trl.predict import VLMGenerator, predict_rows
-    from cgpo_trl.saliency.metrics import match_files, score_files
 
     segmenter = next(f.segmenter for f in reward_funcs if hasattr(f, "segmenter"))
     generate = VLMGenerator(model, processor, max_new_tokens=max_new_tokens)
     metrics: dict[str, float] = {}
-    samples: dict[str, dict | np.ndarray] = {"reward": {}}
+    samples: dict[str, dict | np.ndarray | list] = {"reward": {}, "expressions": []}
     for task, rows in rows_by_task.items():
         folder = out / "eval" / name / task
-        summary = predict_rows(rows, generate, segmenter, folder, batch_size=32, progress=progress)
+        summary = predict_rows(rows, generate, segmenter, folder, batch_size=32, overlays=False, progress=progress)
         records = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
         texts = [r["text"] for r in records]
+        samples["expressions"] += [e for r in records for e in r["regions"] + r["instances"]]
         well_formed = [float(not r["problems"]) for r in records]
         metrics[f"{task}_well_formed"], metrics[f"{task}_well_formed_se"] = mean_se(well_formed)
         metrics[f"{task}_well_formed_n"] = len(records)
         if task in ("sod", "cosod"):
-            matched = match_files(summary.masks_dir, summary.gt_dir, grouped=task == "cosod")
-            scores = score_files(matched.pairs, "linear" if task == "sod" else "cubic", workers=1, progress=False)
+            scores = region_scores(summary.masks_dir, summary.gt_dir, grouped=task == "cosod")
             keys = sorted(scores)
             groups = [k.split("/", 1)[0] for k in keys] if task == "cosod" else None
-            columns = {"Sm": "sm", "MAE": "mae"} if task == "sod" else {"cosod_Sm": "sm"}
+            columns = {"Sm": 0, "MAE": 1} if task == "sod" else {"cosod_Sm": 0}
             for key, field in columns.items():
-                values = [getattr(scores[k], field) for k in keys]
+                values = [scores[k][field] for k in keys]
                 metrics[key], metrics[f"{key}_se"] = mean_se(values, groups)
                 metrics[f"{key}_n"] = len(set(groups)) if groups else len(values)
                 samples[key] = dict(zip(keys, values))
@@ -211,8 +232,9 @@ def evaluate_stage(name, model, processor, rows_by_task, reward_funcs, weights, 
                 len(rows),
             )
             samples["sis_AP"] = replicates
-        columns = {key: rows[key] for key in ("images", "task", "masks", "instances")}
-        per_func = [f(prompts=rows["prompt"], completions=texts, **columns) for f in reward_funcs]
+        columns = {key: [row[key] for row in rows] for key in ("images", "task", "masks", "instances")}
+        prompts = [row["prompt"] for row in rows]
+        per_func = [f(prompts=prompts, completions=texts, **columns) for f in reward_funcs]
         for i, values in enumerate(zip(*per_func)):
             pairs = [(w, v) for w, v in zip(weights, values) if v is not None]
             reward = sum(w * v for w, v in pairs) / sum(w for w, _ in pairs) if pairs else 0.0
@@ -272,7 +294,8 @@ def plot_curves(sft_history: list[dict], rl_histories: dict[str, list[dict]], pa
     ax_diag.set_title("collapse diagnostics (1 = diverse, 0 = collapsed)")
     for ax in (ax_rl, ax_diag):
         ax.set_xlabel("generated completions")
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     ax_diag.set_ylim(0, 1.05)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -288,7 +311,8 @@ def fixed_cases(after: dict[str, float], before: dict[str, float], margin: float
 
 
 def overlay_grid(rows, names: list[str], stages: list[str], out: Path, path: Path, title: str) -> None:
-    """One row per stage (ground truth first) of SOD overlays on the held-out images called `names`."""
+    """One row per stage (ground truth first) of SOD overlays on the held-out images called `names`, drawn from each
+    stage's saved masks and answers."""
     from PIL import Image, ImageDraw, ImageFont
 
     from cgpo_trl.predict import image_names, overlay
@@ -303,8 +327,16 @@ def overlay_grid(rows, names: list[str], stages: list[str], out: Path, path: Pat
         truth.append(overlay(row["images"][0], [np.asarray(row["masks"][0]) / 255.0], " | ".join(row["expressions"])))
     grid_rows = [("ground truth", truth)]
     for stage in stages:
-        folder = out / "eval" / stage / "sod" / "overlays"
-        grid_rows.append((stage, [Image.open(folder / f"{name}.png") for name in names]))
+        folder = out / "eval" / stage / "sod"
+        answers = {}
+        for line in (folder / "predictions.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            answers[record["names"][0]] = " | ".join(record["regions"])
+        tiles = []
+        for name in names:
+            mask = np.asarray(Image.open(folder / "masks" / f"{name}.png"), dtype=np.float32) / 255.0
+            tiles.append(overlay(rows[index[name]]["images"][0], [mask], answers[name]))
+        grid_rows.append((stage, tiles))
     width = max(t.width for _, tiles in grid_rows for t in tiles)
     height = max(t.height for _, tiles in grid_rows for t in tiles)
     margin, header = 120, 30
@@ -363,6 +395,20 @@ def write_results(results: dict, comparisons: dict, out: Path, info: dict) -> No
             "both reward and Sm."
         )
     lines += [
+        "",
+        "What the greedy answers name, over every held-out row (see `cgpo_trl.saliency.diagnostics`; `reference`: the "
+        "ground-truth expressions). A stage that writes one phrase or one shape word everywhere shows it here.",
+        "",
+        "| answers | expressions | distinct | colour entropy | shape entropy |",
+        "|---|---|---|---|---|",
+    ]
+    for stage, values in info["answer_diagnostics"].items():
+        written = values.get("expressions", 0)
+        cells = [str(written), f"{round(values['distinct_expressions'] * written)}" if written else "–"]
+        cells += [f"{values[k]:.3f}" if k in values else "–" for k in ("colour_entropy", "shape_entropy")]
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
         f"- SFT: {info['sft_steps']} steps in {info['sft_seconds']:.0f} s; "
         + "; ".join(f"{name}: {r['steps']} steps in {r['seconds']:.0f} s" for name, r in info["rl"].items())
         + f"; total wall time {info['total_seconds'] / 60:.1f} min on {info['cpus']} CPU core(s), "
@@ -388,11 +434,12 @@ def main(argv: list[str] | None = None) -> dict:
         load_policy,
         train_and_save,
     )
+    from cgpo_trl.saliency.diagnostics import expression_diagnostics
 
     started = time.monotonic()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    common = ["--seed", str(args.seed)]
+    common = ["--seed", str(args.seed), "--overwrite_output_dir", "true"]  # a rerun replaces the demo's own outputs
     if args.no_progress:
         common += ["--disable_tqdm", "true"]
     sft_extra = [*common, "--output_dir", str(out / "sft")]
@@ -430,12 +477,15 @@ def main(argv: list[str] | None = None) -> dict:
     for name, options in trainers.items():
         say(f"2/3 {name.upper()}: from {out / 'sft'}")
         extra = [*rl_extra, "--output_dir", str(out / name), "--trainer", name, *options]
+        if name != "cgpo":  # exactly CGPO's steps (so its completions), even if CGPO's time cap stopped it early
+            extra += ["--max_steps", str(rl_info["cgpo"]["steps"])]
         rl = stage_args(args.rl_config, extra, (SaliencyScriptArguments, CGPOConfig, ModelConfig))
         if args.quick:
             for spec in rl[0].datasets:
                 spec.num_samples = min(spec.num_samples or 32, 32)
         rl_trainer = build_rl_trainer(*rl)
-        rl_trainer.add_callback(TimeLimit(args.rl_minutes))
+        if name == "cgpo":
+            rl_trainer.add_callback(TimeLimit(args.rl_minutes))
         t0 = time.monotonic()
         train_and_save(rl_trainer, rl[0], rl[2], stage="rl")
         steps = rl_trainer.state.global_step
@@ -449,6 +499,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Evaluation of every stage on the same held-out rows.
     say(f"3/3 evaluation: untrained, SFT, {', '.join(n.upper() for n in trainers)} on {eval_samples} rows per task")
+    shutil.rmtree(out / "eval", ignore_errors=True)  # predict_rows resumes from saved predictions: start afresh
     rows_by_task = eval_rows(rl[0], eval_samples)
     reward_funcs = build_reward_funcs(rl[0], processor, untrained, rl[1].max_completion_length)
     weights = rl[1].reward_weights or [1.0] * len(reward_funcs)
@@ -472,6 +523,9 @@ def main(argv: list[str] | None = None) -> dict:
     if "grpo" in rl_models:
         pairs.append(("cgpo", "grpo"))
     comparisons = {pair: compare(samples[pair[0]], samples[pair[1]]) for pair in pairs}
+    written = {"reference": [e for rows in rows_by_task.values() for row in rows for e in row["expressions"]]}
+    written |= {stage: samples[stage]["expressions"] for stage in models}
+    diagnostics = {name: {"expressions": len(e), **expression_diagnostics(e)} for name, e in written.items()}
 
     plot_curves(sft_history, rl_histories, out / "curves.png")
     fixed, broken = fixed_cases(samples["cgpo"]["Sm"], samples["sft"]["Sm"])
@@ -497,6 +551,7 @@ def main(argv: list[str] | None = None) -> dict:
         "sod_fixed_by_cgpo": len(fixed),
         "sod_broken_by_cgpo": len(broken),
         "overlay_title": overlay_title,
+        "answer_diagnostics": diagnostics,
         "total_seconds": time.monotonic() - started,
     }
     write_results(results, comparisons, out, info)

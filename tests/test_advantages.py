@@ -88,7 +88,7 @@ def test_whitening_of_a_hand_made_batch():
     """baseline=batch_mean + scale=batch is REINFORCE++ with k = 1: (r - mean) / std over the global batch."""
     r = [1.0, 0.0, 0.0, 1.0, 1.0]
     out = adv(r, AdvantageSettings("batch_mean", scale="batch"))
-    mean, std = 0.6, math.sqrt(sum((x - 0.6) ** 2 for x in r) / 4)  # unbiased std, like GRPO's torch.std
+    mean, std = 0.6, math.sqrt(sum((x - 0.6) ** 2 for x in r) / 5)  # the centred batch's (population) std
     torch.testing.assert_close(out.advantages, (torch.tensor(r) - mean) / (std + STD_EPS))
     assert out.scale == pytest.approx(std + STD_EPS)
     # token-level: the std runs over valid tokens, every token weighted once
@@ -98,15 +98,19 @@ def test_whitening_of_a_hand_made_batch():
         confidence=[[0.5, 0.5], [0.5, 0.9]],
         mask=[[1.0, 1.0], [1.0, 0.0]],
     )
-    values = torch.tensor([0.5, 0.5, -0.5])
-    torch.testing.assert_close(out.advantages, torch.tensor([[0.5, 0.5], [-0.5, 0.0]]) / (values.std() + STD_EPS))
+    values = torch.tensor([0.5, 0.5, -0.5])  # the padded token does not count
+    rms = values.pow(2).mean().sqrt()
+    torch.testing.assert_close(out.advantages, torch.tensor([[0.5, 0.5], [-0.5, 0.0]]) / (rms + STD_EPS))
 
 
 def test_whitening_uses_every_process():
-    gather = other_process([0.0, 0.0], [[-1.0, 0.5, 2.0]])  # rewards; then sum, sum of squares, count of its A
+    gather = other_process([0.0, 0.0, 0.0, 0.0], [[4 * 0.5**2, 4.0]])  # rewards; then its sum of A^2 and count
     out = adv([1.0, 1.0], AdvantageSettings("batch_mean", scale="batch"), gather=gather)
-    a = torch.tensor([0.5, 0.5, -0.5, -0.5])
-    torch.testing.assert_close(out.advantages, torch.tensor([0.5, 0.5]) / (a.std() + STD_EPS))
+    a = torch.tensor([2 / 3, 2 / 3, -1 / 3, -1 / 3, -1 / 3, -1 / 3])
+    a_here = torch.tensor([2 / 3, 2 / 3])
+    rms = ((a_here.pow(2).sum() + 1.0) / 6).sqrt()
+    torch.testing.assert_close(out.advantages, a_here / (rms + STD_EPS))
+    assert a.mean().abs() < 1e-6  # the global centre used every process's rewards
 
 
 def test_prompt_tracker_values_after_a_known_reward_sequence():
@@ -118,10 +122,6 @@ def test_prompt_tracker_values_after_a_known_reward_sequence():
     # alpha: 1 -> 0.5 -> 1.25 ; beta: 0 -> 1 -> 0.5
     assert tracker.alpha[key] == pytest.approx(1.25) and tracker.beta[key] == pytest.approx(0.5)
     assert tracker.values([key])[0] == pytest.approx(1.25 / 1.75)
-    # a prior seeds an unseen prompt with one pseudo-observation of its value
-    other = prompt_key("What is 2+2?")
-    tracker.update([other], torch.tensor([0.0]), prior=torch.tensor([0.8]))
-    assert tracker.alpha[other] == pytest.approx(0.4) and tracker.beta[other] == pytest.approx(0.1 + 1.0)
     again = PromptTracker()
     again.load_state_dict(tracker.state_dict())
     assert again.state_dict() == tracker.state_dict()
@@ -144,14 +144,22 @@ def test_prompt_tracker_baseline_and_tracker_confidence():
     out = adv([1.0, 0.0, 1.0], AdvantageSettings("prompt_tracker"), values=[0.25, NAN, 0.75])
     # unseen prompt: the global batch's mean reward (2/3)
     torch.testing.assert_close(out.advantages, torch.tensor([0.75, -2 / 3, 0.25]))
+    torch.testing.assert_close(out.prompt_values, torch.tensor([0.25, 2 / 3, 0.75]))
+    # tracker_confidence: g(b_t, v) with a known fitted map; the unseen prompt reads v = the batch mean (0.5)
+    cal = OnlineCalibrator(window=10, min_pairs=2, with_values=True)
+    cal.a, cal.a_value, cal.b = 1.0, 2.0, -0.5
+    confidence, values = torch.tensor([[0.9, 0.5], [0.2, 0.4]]), torch.tensor([[0.25], [0.5]])
     out = adv(
         [1.0, 0.0],
-        AdvantageSettings("tracker_confidence", "none"),
-        confidence=[[0.9, 0.5], [0.2, 0.4]],
+        AdvantageSettings("tracker_confidence", "online"),
+        confidence=confidence.tolist(),
         values=[0.25, NAN],
+        calibrator=cal,
     )
-    # seen: the tracker value on every token; unseen: the token baselines
-    torch.testing.assert_close(out.advantages, torch.tensor([[0.75, 0.75], [-0.2, -0.4]]))
+    g = torch.sigmoid(torch.logit(confidence) + 2.0 * torch.logit(values) - 0.5)
+    torch.testing.assert_close(out.advantages, torch.tensor([[1.0], [0.0]]) - g)
+    with pytest.raises(ValueError, match="needs confidence_calibration='online'"):
+        AdvantageSettings("tracker_confidence", "none")
 
 
 def test_check_rewards_names_the_function():
@@ -185,3 +193,113 @@ def test_settings_are_validated():
         AdvantageSettings(scale="group")
     with pytest.raises(ValueError, match="needs `confidence`"):
         adv([1.0], AdvantageSettings("confidence", "none"))
+
+
+def test_whitening_never_divides_a_nonzero_advantage_by_zero():
+    """Identical token advantages (std 0) keep their size; only all-zero advantages stay 0."""
+    out = adv([1.0, 1.0], AdvantageSettings("confidence", "none", scale="batch"), confidence=[[0.5, 0.5], [0.5, 0.5]])
+    torch.testing.assert_close(out.advantages, torch.full((2, 2), 0.5 / (0.5 + STD_EPS)))
+    out = adv([1.0, 1.0], AdvantageSettings("batch_mean", scale="batch"))
+    assert out.advantages.abs().max() == 0 and out.scale == pytest.approx(STD_EPS)
+
+
+def test_whitening_ignores_unscored_completions_and_padding():
+    out = adv(
+        [1.0, NAN, 0.0],
+        AdvantageSettings("confidence", "none", scale="batch"),
+        confidence=[[0.5, 0.9], [0.1, 0.1], [0.5, 0.5]],
+        mask=[[1.0, 0.0], [1.0, 1.0], [1.0, 1.0]],
+    )
+    rms = torch.tensor([0.5, -0.5, -0.5]).pow(2).mean().sqrt()
+    torch.testing.assert_close(out.advantages, torch.tensor([[0.5, 0.0], [0.0, 0.0], [-0.5, -0.5]]) / (rms + STD_EPS))
+
+
+def test_no_reward_at_all_gives_zero_advantages_not_nan():
+    for settings in (AdvantageSettings("batch_mean"), AdvantageSettings("confidence", "batch")):
+        out = adv([NAN, NAN], settings, confidence=[0.3, 0.7])
+        assert torch.equal(out.advantages, torch.zeros(2))
+    cal = OnlineCalibrator(window=10, min_pairs=2)
+    out = adv([NAN, NAN], AdvantageSettings("confidence", "online"), confidence=[0.3, 0.7], calibrator=cal)
+    assert torch.equal(out.advantages, torch.zeros(2)) and torch.equal(out.baseline, torch.zeros(2))
+
+
+def test_batch_calibration_centres_token_advantages_per_completion():
+    """Each completion contributes the mean of its token gaps, padding excluded, to the batch centre."""
+    out = adv(
+        [1.0, 0.0],
+        AdvantageSettings("confidence", "batch"),
+        confidence=[[0.2, 0.4], [0.5, 0.9]],
+        mask=[[1.0, 1.0], [1.0, 0.0]],
+    )
+    centre = ((0.8 + 0.6) / 2 + (-0.5)) / 2
+    want = torch.tensor([[0.8 - centre, 0.6 - centre], [-0.5 - centre, 0.0]])
+    torch.testing.assert_close(out.advantages, want)
+    torch.testing.assert_close(out.baseline, torch.tensor([[0.2, 0.4], [0.5, 0.9]]))
+    assert out.scale == 1.0
+
+
+def test_missing_inputs_are_named():
+    with pytest.raises(ValueError, match="baseline='prompt_tracker' needs `prompt_values`"):
+        adv([1.0], AdvantageSettings("prompt_tracker"))
+    with pytest.raises(ValueError, match="baseline='tracker_confidence' needs `prompt_values`"):
+        adv([1.0], AdvantageSettings("tracker_confidence", "online"), confidence=[0.5])
+    with pytest.raises(ValueError, match="needs an OnlineCalibrator"):
+        adv([1.0], AdvantageSettings("confidence", "online"), confidence=[0.5])
+    for field, kwargs in (
+        ("baseline=", {"baseline": "x"}),
+        ("confidence_calibration=", {"calibration": "x"}),
+        ("scale_rewards=", {"scale": "x"}),
+    ):
+        with pytest.raises(ValueError, match=field):
+            AdvantageSettings(**kwargs)
+
+
+def test_check_rewards_boundaries_and_examples():
+    per_func = torch.tensor([[0.0], [1.0], [-math.inf], [1.25]])
+    cleaned, problems = check_rewards(per_func, ["r"], unit_range=True)
+    assert [(p.kind, p.count, p.example) for p in problems] == [
+        ("non-finite", 1, -math.inf),
+        ("out of range", 1, 1.25),
+    ]
+    assert cleaned[:2, 0].tolist() == [0.0, 1.0] and math.isnan(cleaned[2, 0]) and cleaned[3, 0] == 1.0
+
+
+def test_prompt_tracker_edge_cases():
+    tracker = PromptTracker(rho=1.0)  # no forgetting is allowed
+    tracker.update([1, 1, 2], torch.tensor([0.0, NAN, 1.0]))  # a NaN reward is skipped, the next one still counts
+    assert tracker.values([1, 2]).tolist() == [0.0, 1.0]  # one visit each: alpha + beta = 1
+    for rho in (0.0, 1.5):
+        with pytest.raises(ValueError, match="tracker_rho must be in \\(0, 1\\]"):
+            PromptTracker(rho=rho)
+
+
+def test_prompt_keys_ignore_key_order_and_keep_non_ascii_and_paths():
+    assert prompt_key({"role": "user", "content": "x"}) == prompt_key({"content": "x", "role": "user"})
+    assert prompt_key("Wie viel ist 2 + 2? ✓") == 3596486345954005039  # a fixed digest of the UTF-8 text
+    assert prompt_key("q", ["a.png"]) != prompt_key("q", ["b.png"])  # image paths are keyed by name
+    from PIL import Image
+
+    red = Image.new("RGB", (4, 4), "red")
+    assert prompt_key("q", red) == prompt_key("q", [red])  # one image or a list of one
+    block = [{"role": "user", "content": [{"type": "image", "image": red}, {"type": "text", "text": "q"}]}]
+    assert prompt_key(block) == prompt_key(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q"}]}]
+    )
+    assert prompt_key([{"x": object()}]) == prompt_key([{"x": object()}])  # no crash on what JSON cannot hold
+
+
+def test_prompt_keys_see_every_part_of_a_conversation():
+    def chat(text, role="user"):
+        return [{"role": role, "content": [{"type": "text", "text": text}]}]
+
+    assert prompt_key(chat("2+2?")) != prompt_key(chat("3+3?"))
+    assert prompt_key(chat("2+2?")) != prompt_key(chat("2+2?", role="system"))
+
+
+def test_whitening_edge_counts():
+    out = adv([NAN, NAN], AdvantageSettings("batch_mean", scale="batch"))
+    assert torch.equal(out.advantages, torch.zeros(2))  # nothing scored: zeros, never NaN
+    out = adv([1.0], AdvantageSettings("confidence", "none", scale="batch"), confidence=[[0.6]], mask=[[1.0]])
+    torch.testing.assert_close(out.advantages, torch.tensor([[0.4 / (0.4 + STD_EPS)]]))  # one token is enough
+    with pytest.raises(ValueError, match="scale_rewards="):
+        AdvantageSettings(scale="x")

@@ -109,3 +109,34 @@ def test_segmenter_throughput_smoke(tmp_path, checkpoint):
         run = results["cache_runs"][name]
         assert run["completions"] == 8 and run["prompts"] == prompts and 0 <= run["hit_rate"] <= 1
     assert "| shapes |" in (out / "segmenter_throughput.md").read_text()
+
+
+def test_single_rollout_smoke(tmp_path, monkeypatch):
+    """Every kind of method the comparison runs (CGPO options, TRL's A2PO, GRPO, RLOO) trains a few steps on the
+    addition task from a tiny checkpoint, and the report computes the table and the verdict lines from the runs."""
+    import single_rollout
+
+    from cgpo_trl.testing import save_tiny_lm
+
+    task = single_rollout.AdditionTask()
+    task.steps, task.eval_points = 2, 1
+    task.eval_pairs = task.eval_pairs[:8]
+    task.train_pairs = task.train_pairs[:16]
+    work, out = tmp_path / "work", tmp_path / "out"
+    save_tiny_lm(work / "start", hidden_size=128)
+    checkpoint = task.prepare(work)
+    methods = ["CGPO default", "SPO (tracker, whitened)", "A*-PO (TRL A2PO)", "GRPO G=4", "RLOO G=2"]
+    # a random model gets every reference sample wrong; TRL's A2PO would then drop every prompt
+    monkeypatch.setitem(single_rollout.METHODS, "A*-PO (TRL A2PO)", ("a2po", {"filter_all_incorrect": False}))
+    for method in methods:
+        result = single_rollout.run_one(task, method, 0, checkpoint, work / single_rollout.slug(method))
+        path = out / "runs" / single_rollout.slug(method) / "seed0.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(result))
+        assert [p["step"] for p in result["curve"]] == [2]
+        expected = 2 * task.completions_per_step + (16 * 8 if method.startswith("A*-PO") else 0)
+        assert result["final"]["completions"] == expected and finite(result["final"]["score"])
+    text = single_rollout.report(out, task, {"score": 0.0, "score_se": 0.0})
+    assert all(f"| {m} | 1 |" in text for m in methods)
+    assert (out / "curves.png").stat().st_size > 0
+    assert "CGPO default: does not beat every single-rollout baseline" in text or "CGPO default: beats" in text

@@ -277,6 +277,23 @@ def too_large_reward(completions, **kwargs):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
+def test_the_pipelines_grpo_baseline_drops_non_finite_rewards_too(tmp_path, caplog):
+    from trl import GRPOConfig
+
+    from cgpo_trl.checkpoints import ResumableGRPOTrainer
+
+    model, tokenizer = build_tiny_lm()
+    args = GRPOConfig(**settings(tmp_path, max_steps=2), num_generations=2)
+    trainer = ResumableGRPOTrainer(
+        model, [infinite_reward], args=args, train_dataset=text_prompt_dataset(), processing_class=tokenizer
+    )
+    with caplog.at_level(logging.WARNING, logger="cgpo_trl.trainer"):
+        trainer.train()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert "'infinite_reward' returned 1 non-finite" in caplog.text
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_non_finite_and_out_of_range_rewards_never_reach_the_weights(tmp_path, caplog):
     model, tokenizer = build_tiny_lm()
     args = CGPOConfig(**settings(tmp_path, max_steps=2))
@@ -356,3 +373,47 @@ def test_confidence_calibrated_metric_is_the_mean_of_the_mapped_baselines(tmp_pa
     logged = [h["cgpo/confidence_calibrated"] for h in trainer.state.log_history if "cgpo/confidence_calibrated" in h]
     assert logged[0] == pytest.approx(per_completion.mean().item(), abs=1e-6)
     assert abs(logged[0] - captured["g_of_mean"].mean().item()) > 1e-3  # the test tells the two apart
+
+
+@pytest.mark.parametrize("baseline", ["prompt_tracker", "tracker_confidence"])
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_tracker_state_is_saved_and_restored_through_resume(tmp_path, baseline):
+    """The per-prompt tracker (and the two-feature map) are in the checkpoint and back before the first resumed
+    step; every prompt the run visited is tracked."""
+    import json
+    import os
+
+    from transformers import TrainerCallback
+
+    kwargs = settings(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
+    args = CGPOConfig(**kwargs, baseline=baseline, calibration_min_pairs=4, scale_rewards="batch")
+    model, tokenizer = build_tiny_lm()
+    trainer = CGPOTrainer(
+        model, [length_reward], args=args, train_dataset=text_prompt_dataset(), processing_class=tokenizer
+    )
+    trainer.train()
+    saved = json.loads((tmp_path / "out" / "checkpoint-2" / "cgpo_state.json").read_text())
+    assert len(saved["tracker"]["alpha"]) == 8  # 2 steps x 4 prompts, all distinct within an epoch of 16
+    assert len(trainer.tracker) == 16
+    if baseline == "tracker_confidence":
+        assert saved["calibrator"]["with_values"] and len(saved["calibrator"]["values"]) == len(
+            saved["calibrator"]["rewards"]
+        )
+
+    class AtStart(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.state = json.loads(json.dumps(resumed._cgpo_state_dict()))
+
+    at_start = AtStart()
+    model, tokenizer = build_tiny_lm()
+    resumed = CGPOTrainer(
+        model,
+        [length_reward],
+        args=args,
+        train_dataset=text_prompt_dataset(),
+        processing_class=tokenizer,
+        callbacks=[at_start],
+    )
+    resumed.train(resume_from_checkpoint=os.path.join(args.output_dir, "checkpoint-2"))
+    assert at_start.state == saved
+    assert len(resumed.tracker) == 16

@@ -1,5 +1,6 @@
 """Confidence estimators, spans and the online calibration on hand-computed values."""
 
+import functools
 import math
 
 import pytest
@@ -11,6 +12,7 @@ from cgpo_trl.confidence import (
     expected_calibration_error,
     get_confidence_estimator,
     list_confidence_estimators,
+    masked_mean,
     register_confidence_estimator,
     span_mask_from_text,
     token_pairs,
@@ -70,6 +72,29 @@ def test_registry_errors_and_custom_estimators():
 
     estimator = get_confidence_estimator(half, "sequence")
     assert estimator.name == "half" and estimator.fn(ConfidenceInputs(LOGPS, MASK)).tolist() == [0.5, 0.5]
+    assert estimator.level == "sequence" and estimator.requires == ()
+    # a token-level callable gets the free fused-head statistics unless it names its own
+    token = get_confidence_estimator(functools.partial(half), "token")
+    assert token.name == "custom" and token.level == "token" and token.requires == ("log_sum_sq_probs", "entropy")
+    half.requires = ("max_logprob",)
+    assert get_confidence_estimator(half, "token").requires == ("max_logprob",)
+    with pytest.raises(ValueError, match="\\['max_prob', 'neg_entropy', 'self_agreement'\\]"):
+        get_confidence_estimator("geo_mean", "token")
+    with pytest.raises(ValueError, match="confidence level 'word' is not one of"):
+        register_confidence_estimator("x", "word")
+
+
+def test_registered_estimators_are_complete():
+    register_confidence_estimator("quarter", "token", requires=("entropy",))(lambda inputs: inputs.entropy * 0 + 0.25)
+    try:
+        estimator = get_confidence_estimator("quarter", "token")
+        assert (estimator.name, estimator.level, estimator.requires) == ("quarter", "token", ("entropy",))
+        stats = ConfidenceInputs(LOGPS, MASK, entropy=torch.zeros(2, 3))
+        assert estimator.fn(stats).eq(0.25).all()
+    finally:
+        from cgpo_trl import confidence
+
+        confidence._REGISTRY.pop(("token", "quarter"))
 
 
 def test_answer_span_mask():
@@ -161,3 +186,97 @@ def test_token_pairs_are_evenly_spaced_valid_tokens():
     torch.testing.assert_close(c[1, :2], torch.tensor([0.6, 0.7]))  # fewer valid tokens than asked: all of them
     assert math.isnan(c[1, 2]) and math.isnan(r[1, 2])
     assert r[0].tolist() == [1.0, 1.0, 1.0] and r[1, :2].tolist() == [0.0, 0.0]
+
+
+def test_masked_mean_by_hand():
+    x = torch.tensor([[2.0, 4.0, 9.0], [5.0, 7.0, 1.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    torch.testing.assert_close(masked_mean(x, mask), torch.tensor([3.0, 5.0]))  # one valid token: divide by 1
+    assert masked_mean(x, mask, dim=None).item() == pytest.approx(11 / 3)
+    assert masked_mean(x, torch.zeros_like(mask), dim=None).item() == 0.0
+
+
+def test_answer_span_uses_the_first_pair_and_ignores_an_earlier_closing_marker():
+    pieces = ["</answer>", "x", "<answer>", "a", "</answer>", "<answer>", "b", "</answer>"]
+    assert span_mask_from_text(pieces, "<answer>", "</answer>") == [0, 0, 0, 1, 0, 0, 0, 0]
+
+
+def test_online_calibrator_edges():
+    cal = OnlineCalibrator(window=4, min_pairs=4)  # window == min_pairs is allowed
+    cal.add(torch.tensor([0.2, math.nan, 0.4]), torch.tensor([0.0, 1.0, math.nan]))
+    assert cal.pending_rewards == [0.0]  # a pair with a NaN on either side is dropped
+    cal.add(torch.tensor([0.5, 0.6, 0.9]), torch.tensor([1.0, 0.0, 1.0]))
+    cal.commit()
+    assert cal.fitted  # exactly min_pairs pairs are enough
+    cal.a, cal.b = 0.0, 0.3  # a flat map: confidences of exactly 0 or 1 must not give NaN
+    torch.testing.assert_close(
+        cal(torch.tensor([0.0, 1.0])), torch.full((2,), float(torch.sigmoid(torch.tensor(0.3))))
+    )
+    state = cal.state_dict()
+    old = {k: v for k, v in state.items() if not k.startswith("pending")}  # a checkpoint from before the queue
+    again = OnlineCalibrator()
+    again.load_state_dict(old)
+    assert again.pending_rewards == [] and again.rewards == cal.rewards
+    with pytest.raises(ValueError, match="missing \\['a'\\]"):
+        again.load_state_dict({k: v for k, v in state.items() if k != "a"})
+
+
+def test_platt_fit_survives_extreme_and_degenerate_inputs():
+    cal = OnlineCalibrator(window=100, min_pairs=4)
+    update(cal, torch.tensor([0.0, 1.0, 0.0, 1.0, 0.5]), torch.tensor([0.0, 1.0, 0.0, 1.5, 0.5]))
+    assert math.isfinite(cal.a) and math.isfinite(cal.b) and cal.a > 0
+    flat = OnlineCalibrator(window=100, min_pairs=4)
+    update(flat, torch.full((8,), 0.7), torch.tensor([1.0, 0.0] * 4))  # no spread in c: g is the mean reward
+    torch.testing.assert_close(flat(torch.tensor([0.1, 0.9])), torch.tensor([0.5, 0.5]), atol=1e-3, rtol=0)
+    separable = OnlineCalibrator(window=100, min_pairs=4)
+    c = torch.linspace(0.05, 0.95, 40)
+    update(separable, c, (c > 0.5).float())  # perfectly separable: the L2 term keeps the slope finite
+    assert 0 < separable.a < 100
+
+
+def test_token_pairs_default_count_and_empty_rows():
+    baselines = torch.arange(30, dtype=torch.float32).view(2, 15) / 100
+    mask = torch.tensor([[0.0] * 15, [1.0] * 15])
+    c, r = token_pairs(baselines, mask, torch.tensor([1.0, 0.0]))
+    assert c.shape == (2, 8)  # 8 pairs per completion by default
+    assert torch.isnan(c[0]).all() and not torch.isnan(c[1]).any()  # an empty row does not stop the next one
+
+
+def test_expected_calibration_error_keeps_the_last_bin_and_drops_nan_confidences():
+    c, r = torch.tensor([0.85, 0.95]), torch.tensor([0.95, 0.85])
+    assert expected_calibration_error(c, r) == pytest.approx(0.1)  # bins 8 and 9, not merged
+    assert expected_calibration_error(torch.tensor([math.nan, 0.3]), torch.tensor([1.0, 0.3])) == pytest.approx(0.0)
+
+
+def test_edge_bins_rows_and_reward_clipping():
+    assert masked_mean(torch.tensor([[4.0, 9.0]]), torch.tensor([[1.0, 0.0]]), dim=None).item() == 4.0
+    # c = 1.0 falls in the last bin with 0.95, not a bin of its own
+    assert expected_calibration_error(torch.tensor([1.0, 0.95]), torch.tensor([0.95, 1.0])) == pytest.approx(0.0)
+    c, _ = token_pairs(torch.tensor([[0.3, 0.9]]), torch.tensor([[1.0, 0.0]]), torch.tensor([1.0]), per_completion=2)
+    assert c[0, 0] == pytest.approx(0.3)  # a completion with a single valid token still gives its pair
+    confidences = torch.linspace(0.1, 0.9, 12)
+    above = OnlineCalibrator(window=100, min_pairs=4)
+    update(above, confidences, torch.tensor([0.0, 1.5] * 6))  # rewards are fitted as clipped to [0, 1]
+    clipped = OnlineCalibrator(window=100, min_pairs=4)
+    update(clipped, confidences, torch.tensor([0.0, 1.0] * 6))
+    assert (above.a, above.b) == pytest.approx((clipped.a, clipped.b))
+
+
+def test_value_model_uses_both_features_and_refuses_mismatched_states():
+    """With prompt values, g(c, v) learns a reward that depends on v where the confidence alone cannot."""
+    gen = torch.Generator().manual_seed(0)
+    c = torch.rand(2000, generator=gen) * 0.8 + 0.1
+    v = torch.rand(2000, generator=gen) * 0.8 + 0.1
+    r = (torch.rand(2000, generator=gen) < v).float()  # the reward follows the prompt value, not the confidence
+    fused = OnlineCalibrator(window=4000, min_pairs=10, with_values=True)
+    fused.add(c, r, v)
+    fused.commit()
+    assert fused.a_value > 1.0 and fused.a < 0.5
+    bce = torch.nn.functional.binary_cross_entropy
+    alone = OnlineCalibrator(window=4000, min_pairs=10)
+    update(alone, c, r)
+    assert bce(fused(c, v), r) < bce(alone(c), r) - 0.05
+    with pytest.raises(ValueError, match="pass `v`"):
+        fused(c)
+    with pytest.raises(ValueError, match="was the baseline changed"):
+        alone.load_state_dict(fused.state_dict())

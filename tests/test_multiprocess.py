@@ -13,7 +13,8 @@ SCRIPT = Path(__file__).parent / "scripts" / "cgpo_two_process.py"
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_two_process_cgpo_run_is_consistent(tmp_path, free_port):
+@pytest.mark.parametrize("baseline", ["confidence", "tracker_confidence"])
+def test_two_process_cgpo_run_is_consistent(tmp_path, free_port, baseline):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     cmd = [
         sys.executable,
@@ -25,6 +26,7 @@ def test_two_process_cgpo_run_is_consistent(tmp_path, free_port):
         str(free_port),
         str(SCRIPT),
         str(tmp_path),
+        baseline,
     ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -34,3 +36,7 @@ def test_two_process_cgpo_run_is_consistent(tmp_path, free_port):
     assert 24 <= len(ranks[0]["calibrator"]["rewards"]) <= 192
     assert ranks[0]["calibrator"] == ranks[1]["calibrator"]
     assert ranks[0]["rewards"] == ranks[1]["rewards"]  # logged global means agree
+    if baseline == "tracker_confidence":
+        # every rank tracked every prompt of both ranks (3 steps x 2 processes x 4 prompts) with identical beliefs
+        assert len(ranks[0]["tracker"]["alpha"]) == 24
+        assert ranks[0]["tracker"] == ranks[1]["tracker"]

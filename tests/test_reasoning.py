@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
-from datasets import load_from_disk
+from datasets import Dataset, load_from_disk
 from PIL import Image
 
 from cgpo_trl.data.benchmarks import load_benchmark, save_benchmark
@@ -404,3 +404,36 @@ def test_real_sis_and_cosod_rows_get_checked_expressions(tmp_path, segmenter, ta
         table[key] = "the purple blob"
         _, partial = build_reasoning_dataset(real, OracleTeacher(table), segmenter, num_candidates=1, progress=False)
         assert partial.expressions_accepted == targets - 1 and partial.answer_rejected_rows == 1
+
+
+class FixedReasoning(Teacher):
+    """Answers every reasoning request with one sentence and records the requests."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, requests):
+        self.seen.extend(requests)
+        return ["Only small scattered shapes; none of them stands out." for _ in requests]
+
+
+def test_rows_with_nothing_salient_get_the_empty_answer(segmenter):
+    """An SIS image without instances (SOC's non-salient images) and an SOD image with an empty mask are kept with
+    `<answer></answer>` — the answer the rewards score 1 on empty ground truth — instead of being dropped."""
+    sources = []
+    for task in ("sis", "sod"):
+        dataset = generate_synthetic(task=task, num_samples=1, seed=3)
+        row = dict(dataset[0])
+        if task == "sis":
+            row.update(instances=[], expressions=[])
+        else:
+            row.update(masks=[Image.new("L", row["masks"][0].size, 0)], expressions=[])
+        sources.append(Dataset.from_list([row], features=dataset.features))
+    teacher = FixedReasoning()
+    for source in sources:
+        built, stats = build_reasoning_dataset(source, teacher, segmenter=segmenter, progress=False)
+        assert stats.kept == 1, stats
+        text = _assistant(built[0])
+        assert text.endswith("<answer></answer>")
+        assert parse_answer(text, task=source[0]["task"], allow_empty=True).ok
+    assert all("nothing in it is salient" in request.text for request in teacher.seen)

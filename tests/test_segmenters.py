@@ -277,6 +277,42 @@ def test_shapes_size_words_keep_everything_when_sizes_are_alike(shapes):
     np.testing.assert_array_equal(mask > 0.5, masks[0] | masks[1])
 
 
+def test_shapes_templates_are_the_pixels_the_synthetic_world_draws():
+    # The template matcher rasterises every rotation at once; it must draw exactly what skimage.draw draws.
+    from cgpo_trl.saliency.segmenters.shapes import _templates
+    from cgpo_trl.saliency.vocabulary import SHAPES, shape_coordinates
+
+    rng = np.random.default_rng(0)
+    rows, cols = np.indices((40, 40)).reshape(2, 1, -1)
+    for shape in SHAPES:
+        centre, radius = tuple(rng.uniform(15, 25, 2)), rng.uniform(3, 12)
+        angles = rng.uniform(0, 2 * np.pi, 5)
+        templates = _templates(shape, centre, radius, angles, rows, cols).reshape(len(angles), 40, 40)
+        for angle, template in zip(angles, templates):
+            expected = np.zeros((40, 40), bool)
+            expected[shape_coordinates(shape, centre, radius, angle, (40, 40))] = True
+            np.testing.assert_array_equal(template, expected, err_msg=f"{shape} at {angle:.2f} rad")
+
+
+def test_shapes_analyses_each_image_once_across_calls_and_evicts_least_recently_used(monkeypatch):
+    shapes = load_segmenter("shapes", cache_size=None, scene_cache_size=2)
+    analysed = []
+    analyse = shapes._components
+    monkeypatch.setattr(shapes, "_components", lambda image: analysed.append(image.getpixel((0, 0))) or analyse(image))
+    one, _ = _draw_scene(SCENE, seed=1)
+    two, _ = _draw_scene(SCENE, seed=2)
+    three, _ = _draw_scene(SCENE, seed=3)
+    first = shapes.segment([one, one.copy()], ["the red circle", "the blue star"])  # equal pixels: one analysis
+    shapes.segment([two, one, three], ["the red circle"] * 3)  # `one` is a hit; `three` evicts `two`, not `one`
+    again = shapes.segment([one, two], ["the red circle", "the red circle"])
+    assert analysed == [p.getpixel((0, 0)) for p in (one, two, three, two)]
+    np.testing.assert_array_equal(first[0][0], again[0][0])
+    uncached = load_segmenter("shapes", cache_size=None, scene_cache_size=0)
+    monkeypatch.setattr(uncached, "_components", lambda image: analysed.append(None) or analyse(image))
+    uncached.segment([one, one], ["the red circle"] * 2)
+    assert analysed[-2:] == [None, None]
+
+
 def test_shapes_rejects_bad_options():
     with pytest.raises(ValueError, match="colour_tolerance"):
         load_segmenter("shapes", colour_tolerance=300)

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from PIL import Image
 
 from cgpo_trl.data.rows import decode_instance
 from cgpo_trl.data.synthetic import GAP, SYNTHETIC_FEATURES, SyntheticConfig, generate_rows, generate_synthetic
@@ -193,3 +194,25 @@ def test_shapes_segmenter_reproduces_the_ground_truth(task):
                 targets.append(np.asarray(mask) > 0)
     for (prediction, _score), target in zip(segmenter.segment(images, expressions), targets):
         np.testing.assert_array_equal(prediction >= 0.5, target)
+
+
+def test_partly_wrong_expressions_earn_graded_credit_on_the_synthetic_world():
+    # Under the colour rule the target's colour is unique: the right colour with a wrong shape still segments the
+    # target (as a real referring segmenter would), the distractors' colour segments the distractors, and the strict
+    # all-or-nothing mode gives nothing for either.
+    from cgpo_trl.saliency.segmenters import load_segmenter
+
+    graded = load_segmenter("shapes", cache_size=None)
+    strict = load_segmenter("shapes", strict=True, cache_size=None)
+    rows = list(generate_rows(SyntheticConfig(task="sod", num_samples=12, rule="colour", seed=2)))
+    for row in rows:
+        (image,), (mask,), (scene,) = row["images"], row["masks"], row["scene"]
+        target, distractor = scene[0], scene[1]
+        wrong_shape = next(s for s in SHAPES if s != target["shape"] and all(o["shape"] != s for o in scene))
+        expressions = [f"the {target['colour']} {wrong_shape}", f"the {distractor['colour']} {wrong_shape}"]
+        pil = Image.fromarray(image)
+        [(right_colour, score), (wrong_colour, _)] = graded.segment([pil, pil], expressions)
+        np.testing.assert_array_equal(right_colour >= 0.5, mask)
+        assert score == pytest.approx(4 / 6)
+        assert right_colour.any() and not (wrong_colour >= 0.5)[mask].any() and wrong_colour.any()
+        assert all(not m.any() for m, _ in strict.segment([pil, pil], expressions))

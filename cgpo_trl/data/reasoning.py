@@ -212,6 +212,8 @@ class TemplateTeacher(Teacher):
         scene = row["scene"][0]
         salient = [o for o in scene if o["salient"]]
         clutter = [o for o in scene if not o["salient"]]
+        if not salient:
+            return "Only small shapes are scattered around; none of them stands out, so nothing here is salient."
         text = f"There are {len(salient)} large objects: {_listing(salient, size)}."
         if clutter:
             text += f" The {len(clutter)} small shapes scattered around are background clutter."
@@ -629,7 +631,7 @@ def build_reasoning_dataset(
                 continue
             tag = TASK_TAGS[row["task"]]
             text = format_answer(think, **({"instances": answer} if tag == "ins" else {"regions": answer}))
-            parsed = parse_answer(text, task=row["task"])
+            parsed = parse_answer(text, task=row["task"], allow_empty=True)
             if not parsed.ok or (parsed.instances if tag == "ins" else parsed.regions) != list(answer):
                 stats.reasoning_rejected_rows += 1
                 continue
@@ -660,7 +662,8 @@ def _answers(rows, teacher, segmenter, threshold, num_candidates, use_known, sta
             stats.known_answers += 1
             continue
         targets = list(range(len(row["instances"]))) if row["task"] == "sis" else [0]
-        if not targets:  # an SIS image without instances has no answer to write
+        if row["task"] != "cosod" and not any(mask.any() for mask in _masks_of(row)):
+            answers[i] = []  # nothing is salient: the answer is the empty `<answer></answer>`
             continue
         if segmenter is None:
             raise TeacherError("rows without known expressions need a segmenter to check the teacher's expressions")
@@ -713,7 +716,7 @@ def _reasonings(rows, answers, teacher, num_candidates, stats) -> list[str | Non
             question = QUESTIONS[row["task"]].format(num_images=n)
             text = REASONING_PROMPT.format(
                 question=question,
-                answer="; ".join(f'"{a}"' for a in answers[i]),
+                answer="; ".join(f'"{a}"' for a in answers[i]) or "nothing in it is salient",
                 pictures="pictures" if n > 1 else "picture",
             )
             requests.append(

@@ -12,13 +12,14 @@ is the same whatever `num_samples` is, and the three splits never share a stream
   among varying distractors; no other (colour, shape) pair occurs in every image of the group. A row carries
   the whole group in `images` / `masks` and one shared expression.
 
-Contract with the weight-free `shapes` segmenter (which finds components by colour and classifies their shape
-with region properties), kept by construction:
+Contract with the weight-free `shapes` segmenter (which finds components by colour, classifies their shape by
+template matching and returns the best fit to an expression, so a partly wrong expression still earns graded
+credit), kept by construction:
 
 - objects are solid, exactly one `vocabulary.COLOURS` RGB value each, with no anti-aliasing;
 - objects never overlap or touch each other (a gap of at least `GAP` pixels between their circumscribed
   circles) and never touch the image border (at least `GAP` pixels away);
-- a (colour, shape) pair named by an expression occurs once per image, so an expression picks one object;
+- a (colour, shape) pair named by an expression occurs once per image, so an exact expression picks one object;
 - the background is grey-ish texture: every channel within [60, 200] and channels within about 20 levels of
   each other, far from every vocabulary colour.
 

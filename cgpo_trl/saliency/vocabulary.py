@@ -74,6 +74,23 @@ def parse_description(expression: str) -> Description:
     return Description(colour=colour, shape=shape, size=size)
 
 
+def shape_vertices(shape: str, centre: tuple[float, float], radius: float, angles) -> tuple[np.ndarray, np.ndarray]:
+    """Polygon vertices (rows, cols) of a square, triangle or star with circumradius `radius` centred at (row, col),
+    one row of vertices per angle in `angles` (radians clockwise from "up" to the first vertex): (angles, vertices)."""
+    if shape not in SHAPES or shape == "circle":
+        raise ValueError(f"shape_vertices draws polygons {SHAPES[1:]}, got {shape!r}")
+    angles = np.atleast_1d(np.asarray(angles, dtype=np.float64))[:, None]
+    if shape == "star":
+        theta = angles + np.arange(10) * (np.pi / 5)
+        radii = np.where(np.arange(10) % 2 == 0, radius, radius * STAR_INNER_RATIO)
+    else:
+        n = 4 if shape == "square" else 3
+        theta = angles + np.arange(n) * (2 * np.pi / n)
+        radii = np.full(n, float(radius))
+    cy, cx = centre
+    return cy - radii * np.cos(theta), cx + radii * np.sin(theta)
+
+
 def shape_coordinates(
     shape: str, centre: tuple[float, float], radius: float, angle: float, image_shape: tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -83,14 +100,7 @@ def shape_coordinates(
 
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
-    cy, cx = centre
     if shape == "circle":
-        return disk((cy, cx), radius, shape=image_shape)
-    if shape == "star":
-        theta = angle + np.arange(10) * (np.pi / 5)
-        radii = np.where(np.arange(10) % 2 == 0, radius, radius * STAR_INNER_RATIO)
-    else:
-        n = 4 if shape == "square" else 3
-        theta = angle + np.arange(n) * (2 * np.pi / n)
-        radii = np.full(n, radius)
-    return polygon(cy - radii * np.cos(theta), cx + radii * np.sin(theta), shape=image_shape)
+        return disk(centre, radius, shape=image_shape)
+    rows, cols = shape_vertices(shape, centre, radius, angle)
+    return polygon(rows[0], cols[0], shape=image_shape)

@@ -10,10 +10,11 @@ from cgpo_trl import CGPOConfig, CGPOTrainer
 from cgpo_trl.testing import build_tiny_lm, length_reward, text_prompt_dataset, tiny_run_settings
 
 
-def main(out_dir: str) -> None:
+def main(out_dir: str, baseline: str = "confidence") -> None:
     model, tokenizer = build_tiny_lm(seed=0)
     args = CGPOConfig(
         **tiny_run_settings(os.path.join(out_dir, "run"), seed=42),
+        baseline=baseline,
         confidence_calibration="online",
         calibration_min_pairs=4,
     )
@@ -25,6 +26,7 @@ def main(out_dir: str) -> None:
         "world_size": dist.get_world_size() if dist.is_initialized() else 1,
         "num_processes": trainer.accelerator.num_processes,
         "calibrator": trainer.calibrator.state_dict(),
+        "tracker": None if trainer.tracker is None else trainer.tracker.state_dict(),
         "rewards": [h["cgpo/reward"] for h in trainer.state.log_history if "cgpo/reward" in h],
     }
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -33,4 +35,4 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])
