@@ -487,7 +487,10 @@ def load_policy(model_args, seed: int = 0):
     if name == TINY_MODEL:
         from .testing import build_tiny_vlm
 
-        return build_tiny_vlm(seed=seed)
+        model, processor = build_tiny_vlm(seed=seed)
+        # TRL builds the KL reference model (beta != 0) from `config._name_or_path`: point it at a saved copy.
+        model.config._name_or_path = _saved_tiny_copy(model, processor, seed)
+        return model, processor
     from .models import load_model_and_processor
 
     kwargs: dict[str, Any] = {}
@@ -501,6 +504,26 @@ def load_policy(model_args, seed: int = 0):
     except OSError as err:
         where = "folder" if Path(name).exists() else "folder (no such path) nor a reachable hub id"
         raise ValueError(f"model_name_or_path={name!r} is neither a checkpoint {where}: {err}") from None
+
+
+def _saved_tiny_copy(model, processor, seed: int) -> str:
+    """A checkpoint folder of the tiny model under `$CGPO_TRL_CACHE` (default `~/.cache/cgpo_trl`), written once per
+    seed through a temporary folder and a rename so that concurrent processes never read a half-written copy."""
+    import tempfile
+
+    from .testing import save_pretrained
+
+    cache = Path(os.environ.get("CGPO_TRL_CACHE", Path.home() / ".cache" / "cgpo_trl")) / "tiny-random"
+    target = cache / f"seed{seed}"
+    if not (target / "config.json").exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(dir=cache, prefix=f".seed{seed}-"))
+        save_pretrained(model, processor, partial)
+        try:
+            partial.rename(target)
+        except OSError:  # another process got there first
+            shutil.rmtree(partial, ignore_errors=True)
+    return str(target)
 
 
 def peft_config(model_args):
