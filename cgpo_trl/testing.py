@@ -231,6 +231,33 @@ def length_reward(completions, **kwargs) -> list[float]:
     return [min(len(t) / 30.0, 1.0) for t in texts]
 
 
+def resume_tiny_lm_run(args, checkpoint: str | os.PathLike, reward=length_reward):
+    """Resume a fresh `CGPOTrainer` on the tiny LM from `checkpoint` through `train(resume_from_checkpoint=...)`, and
+    return it with its CGPO state (`_cgpo_state_dict`) as it stood when training began: after the trainer's own
+    restore, before the first resumed step."""
+    from transformers import TrainerCallback
+
+    from .trainer import CGPOTrainer
+
+    class StateAtStart(TrainerCallback):
+        state: dict | None = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            StateAtStart.state = json.loads(json.dumps(trainer._cgpo_state_dict()))
+
+    model, tokenizer = build_tiny_lm()
+    trainer = CGPOTrainer(
+        model,
+        [reward],
+        args=args,
+        train_dataset=text_prompt_dataset(),
+        processing_class=tokenizer,
+        callbacks=[StateAtStart()],
+    )
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    return trainer, StateAtStart.state
+
+
 def text_prompt_dataset(n: int = 16) -> Dataset:
     """`n` plain-text prompts (TRL's standard format)."""
     return Dataset.from_dict({"prompt": [f"What is {i} + {i}?" for i in range(n)]})

@@ -12,7 +12,14 @@ from transformers import Gemma2Config, Gemma2ForCausalLM
 
 from cgpo_trl import CGPOConfig, CGPOTrainer
 from cgpo_trl import trainer as trainer_module
-from cgpo_trl.testing import build_tiny_lm, build_tokenizer, length_reward, text_prompt_dataset, tiny_run_settings
+from cgpo_trl.testing import (
+    build_tiny_lm,
+    build_tokenizer,
+    length_reward,
+    resume_tiny_lm_run,
+    text_prompt_dataset,
+    tiny_run_settings,
+)
 
 
 class Recording(CGPOTrainer):
@@ -383,8 +390,6 @@ def test_tracker_state_is_saved_and_restored_through_resume(tmp_path, baseline):
     import json
     import os
 
-    from transformers import TrainerCallback
-
     kwargs = settings(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
     args = CGPOConfig(**kwargs, baseline=baseline, calibration_min_pairs=4, scale_rewards="batch")
     model, tokenizer = build_tiny_lm()
@@ -400,20 +405,6 @@ def test_tracker_state_is_saved_and_restored_through_resume(tmp_path, baseline):
             saved["calibrator"]["rewards"]
         )
 
-    class AtStart(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.state = json.loads(json.dumps(resumed._cgpo_state_dict()))
-
-    at_start = AtStart()
-    model, tokenizer = build_tiny_lm()
-    resumed = CGPOTrainer(
-        model,
-        [length_reward],
-        args=args,
-        train_dataset=text_prompt_dataset(),
-        processing_class=tokenizer,
-        callbacks=[at_start],
-    )
-    resumed.train(resume_from_checkpoint=os.path.join(args.output_dir, "checkpoint-2"))
-    assert at_start.state == saved
+    resumed, at_start = resume_tiny_lm_run(args, os.path.join(args.output_dir, "checkpoint-2"))
+    assert at_start == saved
     assert len(resumed.tracker) == 16

@@ -15,6 +15,7 @@ from cgpo_trl.testing import (
     build_tiny_vlm,
     image_prompt_dataset,
     length_reward,
+    resume_tiny_lm_run,
     save_tiny_lm,
     text_prompt_dataset,
     tiny_run_settings,
@@ -205,8 +206,6 @@ def test_config_validation():
 def test_resume_restores_calibration_state(tmp_path):
     """`train(resume_from_checkpoint=...)` restores the CGPO state saved with the checkpoint before the first resumed
     step, through the trainer's own resume path."""
-    from transformers import TrainerCallback
-
     model, tokenizer = build_tiny_lm()
     kwargs = make_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
     # sequence level: one (c, r) pair per completion, so the window's size is known exactly
@@ -220,22 +219,8 @@ def test_resume_restores_calibration_state(tmp_path):
         saved = json.load(f)
     assert len(saved["calibrator"]["rewards"]) == 8 and saved["calibrator"]["a"] is not None
 
-    class AtStart(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.cgpo_state = json.loads(json.dumps(resumed._cgpo_state_dict()))
-
-    at_start = AtStart()
-    model, tokenizer = build_tiny_lm()
-    resumed = CGPOTrainer(
-        model,
-        [length_reward],
-        args=args,
-        train_dataset=text_prompt_dataset(),
-        processing_class=tokenizer,
-        callbacks=[at_start],
-    )
-    resumed.train(resume_from_checkpoint=checkpoint)
-    assert at_start.cgpo_state == saved
+    resumed, at_start = resume_tiny_lm_run(args, checkpoint)
+    assert at_start == saved
     assert resumed.state.global_step == 4
     assert resumed.calibrator.rewards[:8] == saved["calibrator"]["rewards"] and len(resumed.calibrator.rewards) == 16
 
