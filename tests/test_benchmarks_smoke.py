@@ -140,3 +140,22 @@ def test_single_rollout_smoke(tmp_path, monkeypatch):
     assert all(f"| {m} | 1 |" in text for m in methods)
     assert (out / "curves.png").stat().st_size > 0
     assert "CGPO default: does not beat every single-rollout baseline" in text or "CGPO default: beats" in text
+
+
+def test_single_rollout_saliency_smoke(tmp_path, checkpoint, monkeypatch):
+    """The saliency task (tiny VLM, images, KL to the start, the graded `shapes` reward, held-out S-measure) trains
+    CGPO and GRPO a few steps each from a checkpoint and scores them in [0, 1]."""
+    import shutil
+
+    import single_rollout
+
+    task = single_rollout.SaliencyTask()
+    task.steps, task.eval_points, task.completions_per_step = 2, 1, 4
+    task.eval_rows = task.common.saliency_rows(4, "test", seed=0)
+    monkeypatch.setattr(task, "train_dataset", lambda: task.common.saliency_rows(16, "train", seed=0))
+    shutil.copytree(checkpoint, tmp_path / "work" / "start")
+    start = task.prepare(tmp_path / "work")
+    for method in ["CGPO default", "GRPO G=4"]:
+        result = single_rollout.run_one(task, method, 0, start, tmp_path / "work" / single_rollout.slug(method))
+        assert result["final"]["completions"] == 2 * task.completions_per_step
+        assert 0.0 <= result["final"]["score"] <= 1.0
