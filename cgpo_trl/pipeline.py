@@ -514,9 +514,13 @@ def _saved_tiny_copy(model, processor, seed: int) -> str:
     from .testing import save_pretrained
 
     cache = Path(os.environ.get("CGPO_TRL_CACHE", Path.home() / ".cache" / "cgpo_trl")) / "tiny-random"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only home: the system's temporary folder will do
+        cache = Path(tempfile.gettempdir()) / "cgpo_trl-tiny-random"
+        cache.mkdir(parents=True, exist_ok=True)
     target = cache / f"seed{seed}"
     if not (target / "config.json").exists():
-        cache.mkdir(parents=True, exist_ok=True)
         partial = Path(tempfile.mkdtemp(dir=cache, prefix=f".seed{seed}-"))
         save_pretrained(model, processor, partial)
         try:
