@@ -239,7 +239,8 @@ class SmolLM2Task(Task):
 
 class SaliencyTask(Task):
     """Synthetic SOD with the tiny demo VLM (SFT-warmed through the pipeline), `format` + `saliency` rewards through
-    the `shapes` segmenter (graded by default), scored on 500 held-out images (greedy S-measure)."""
+    the `shapes` segmenter (graded by default), scored on 500 held-out images (greedy S-measure). TRL 1.16's
+    A2POTrainer is text-only (it takes a tokenizer and never passes images), so A*-PO is not run on this task."""
 
     def __init__(self):
         super().__init__(
