@@ -303,3 +303,18 @@ def test_whitening_edge_counts():
     torch.testing.assert_close(out.advantages, torch.tensor([[0.4 / (0.4 + STD_EPS)]]))  # one token is enough
     with pytest.raises(ValueError, match="scale_rewards="):
         AdvantageSettings(scale="x")
+
+
+def test_prompt_key_tells_unknown_content_types_apart_and_a_decayed_belief_is_unknown():
+    """Content the key cannot serialise is hashed by its type name, so two prompts differing only there get different
+    keys; a tracker entry whose alpha + beta is 0 (a hand-edited or fully decayed state) reads as unseen, not as a
+    division by zero."""
+    from fractions import Fraction
+
+    assert prompt_key([{"role": "user", "content": Fraction(1, 2)}]) != prompt_key(
+        [{"role": "user", "content": complex(1, 2)}]
+    )
+    tracker = PromptTracker()
+    tracker.load_state_dict({"rho": 0.9, "alpha": {"7": 0.0, "8": 1.0}, "beta": {"7": 0.0, "8": 3.0}})
+    values = tracker.values([7, 8])
+    assert math.isnan(values[0]) and values[1] == pytest.approx(0.25)

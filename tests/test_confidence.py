@@ -280,3 +280,10 @@ def test_value_model_uses_both_features_and_refuses_mismatched_states():
         fused(c)
     with pytest.raises(ValueError, match="was the baseline changed"):
         alone.load_state_dict(fused.state_dict())
+
+
+def test_ece_uses_ten_bins_and_puts_negative_confidences_in_the_first():
+    # 0.08 and 0.095 share the first of 10 bins (they would not with 11): |0.0875 - 0.5| = 0.4125
+    assert expected_calibration_error(torch.tensor([0.08, 0.095]), torch.tensor([1.0, 0.0])) == pytest.approx(0.4125)
+    # -0.2 is clamped into bin 0 with 0.05: |(-0.2 + 0.05) / 2 - 0.5| = 0.575 (a bin of its own would give 0.625)
+    assert expected_calibration_error(torch.tensor([-0.2, 0.05]), torch.tensor([1.0, 0.0])) == pytest.approx(0.575)
