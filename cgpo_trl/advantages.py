@@ -108,8 +108,6 @@ def compute_advantages(
     mean_reward = torch.nanmean(all_rewards) if (~torch.isnan(all_rewards)).any() else all_rewards.new_zeros(())
     mean_reward = mean_reward.to(rewards.device)
 
-    if settings.baseline == "batch_mean":
-        baseline = torch.full_like(rewards, float(mean_reward))
     values = None
     if settings.baseline in TRACKER_BASELINES:
         values = _require(inputs.prompt_values, "prompt_values", settings).float()

@@ -318,3 +318,29 @@ def test_prompt_key_tells_unknown_content_types_apart_and_a_decayed_belief_is_un
     tracker.load_state_dict({"rho": 0.9, "alpha": {"7": 0.0, "8": 1.0}, "beta": {"7": 0.0, "8": 3.0}})
     values = tracker.values([7, 8])
     assert math.isnan(values[0]) and values[1] == pytest.approx(0.25)
+
+
+def test_fitted_online_map_at_token_level_and_value_model_at_sequence_level():
+    """The fitted map g applies per token (b_t is [B, T]) and, for the value model at sequence level, pairs each
+    completion's c with its own prompt's value; online calibration without a calibrator is refused by name."""
+    cal = OnlineCalibrator(window=10, min_pairs=2)
+    cal.a, cal.b = 2.0, 0.5
+    confidence = torch.tensor([[0.9, 0.5], [0.2, 0.4]])
+    out = adv([1.0, 0.0], AdvantageSettings("confidence", "online"), confidence=confidence.tolist(), calibrator=cal)
+    g = torch.sigmoid(2.0 * torch.logit(confidence) + 0.5)
+    torch.testing.assert_close(out.advantages, torch.tensor([[1.0], [0.0]]) - g)
+
+    cal = OnlineCalibrator(window=10, min_pairs=2, with_values=True)
+    cal.a, cal.a_value, cal.b = 1.0, 2.0, -0.5
+    c, v = torch.tensor([0.9, 0.2]), torch.tensor([0.25, 0.75])
+    out = adv(
+        [1.0, 0.0],
+        AdvantageSettings("tracker_confidence", "online"),
+        confidence=c.tolist(),
+        values=v.tolist(),
+        calibrator=cal,
+    )
+    g = torch.sigmoid(torch.logit(c) + 2.0 * torch.logit(v) - 0.5)
+    torch.testing.assert_close(out.advantages, torch.tensor([1.0, 0.0]) - g)
+    with pytest.raises(ValueError, match="needs an OnlineCalibrator"):
+        adv([1.0], AdvantageSettings("confidence", "online"), confidence=[0.5])
