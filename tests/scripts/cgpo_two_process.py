@@ -31,7 +31,13 @@ def main(out_dir: str, baseline: str = "confidence") -> None:
     }
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(record, f)
+    # Both ranks reach here before either tears down gloo: a rank exiting while the other still holds the group
+    # aborts it ("terminate called without an active exception").
+    if dist.is_initialized():
+        dist.barrier()
     trainer.accelerator.end_training()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
