@@ -100,6 +100,7 @@ def check_confidence_source(trainer: RecordingCGPOTrainer, level: str, source: s
     trainer ("policy") or of vLLM ("sampler"); the two differ here (bfloat16 sampler), so the check can tell them apart.
     """
     assert len(trainer.steps) == trainer.args.max_steps
+    largest_gap = 0.0
     for step in trainer.steps:
         mask, advantages = step["completion_mask"], step["advantages"]
         if level == "token":
@@ -108,6 +109,10 @@ def check_confidence_source(trainer: RecordingCGPOTrainer, level: str, source: s
         sampler = step["sampler_logps"]
         own = masked_mean(step["own_logps"], mask)
         sampled = masked_mean(torch.nan_to_num(sampler), mask * (~torch.isnan(sampler)).float())
-        assert (own - sampled).abs().max() > 1e-4  # the two sources are distinguishable at the tolerance below
+        largest_gap = max(largest_gap, (own - sampled).abs().max().item())
         expected = own if source == "policy" else sampled
         torch.testing.assert_close(torch.log(-advantages), expected, atol=2e-5, rtol=0)
+    if level == "sequence":
+        # the two sources differed somewhere in the run by more than 5x the tolerance above, so the check could tell
+        # them apart (in a single step all completions can land closer than that: a random bfloat16 rounding gap)
+        assert largest_gap > 1e-4, largest_gap
