@@ -484,6 +484,16 @@ def report(out: Path, task: Task, start: dict) -> str:
     return text
 
 
+def paired_difference(a: list[dict], b: list[dict]) -> tuple[float, float]:
+    """Mean and standard error of the per-seed differences of final scores (runs `a` minus runs `b`)."""
+    score_a = {r["seed"]: r["final"]["score"] for r in a}
+    score_b = {r["seed"]: r["final"]["score"] for r in b}
+    diffs = [score_a[k] - score_b[k] for k in sorted(score_a.keys() & score_b.keys())]
+    if len(diffs) < 2:
+        return math.nan, math.nan
+    return statistics.mean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
+
+
 def gap_in_se(a: list[dict], b: list[dict], paired: bool) -> float:
     """Mean final score of runs `a` minus runs `b`, in standard errors: unpaired (independent means), or paired by
     seed — a seed fixes the prompt order and the held-out sampling for every method (common random numbers), so
@@ -491,11 +501,8 @@ def gap_in_se(a: list[dict], b: list[dict], paired: bool) -> float:
     score_a = {r["seed"]: r["final"]["score"] for r in a}
     score_b = {r["seed"]: r["final"]["score"] for r in b}
     if paired:
-        diffs = [score_a[k] - score_b[k] for k in sorted(score_a.keys() & score_b.keys())]
-        if len(diffs) < 2:
-            return math.nan
-        se = statistics.stdev(diffs) / math.sqrt(len(diffs))
-        return statistics.mean(diffs) / se if se > 0 else math.nan
+        diff, se = paired_difference(a, b)
+        return diff / se if se > 0 else math.nan
     if min(len(score_a), len(score_b)) < 2:
         return math.nan
     se = math.sqrt(
@@ -519,6 +526,11 @@ def verdict(runs: dict, summary: dict, start: dict) -> list[str]:
                 f"- {method}: {'beats' if beats else 'does not beat'} every single-rollout baseline by >= 2 s.e. "
                 f"{'paired by seed' if paired else 'unpaired'} (closest: {worst[0]}, {worst[1]:.1f} s.e.)"
             )
+        others = [m for m in (*baselines, *GROUP_REFERENCES) if m in runs]
+        lines.append(
+            f"- {method} minus, paired by seed: "
+            + "; ".join("{} {:+.3f} ± {:.3f}".format(m, *paired_difference(runs[method], runs[m])) for m in others)
+        )
     if "GRPO G=8" in runs:
         target = summary["GRPO G=8"]["score"]
         budget = runs["GRPO G=8"][0]["final"]["completions"]
