@@ -12,8 +12,8 @@ One protocol for every method and task:
 
 Methods (all through `CGPOTrainer` options unless stated): the CGPO default and the CGPO variants designed from the
 earlier measurements; `r - mean(r)`; REINFORCE++ with one sample (batch mean + batch whitening); SPO (per-prompt
-tracker + whitening, constant rho); TRL's own `A2POTrainer` (A*-PO); TRL's `GRPOTrainer` with G = 4 and 8 and
-`RLOOTrainer` with G = 2 as group references.
+tracker + whitening, constant rho or SPO's KL-adaptive one); TRL's own `A2POTrainer` (A*-PO); TRL's `GRPOTrainer`
+with G = 4 and 8 and `RLOOTrainer` with G = 2 as group references.
 
 Tasks: `addition` (tiny random Qwen2 LM SFT-warmed on two-number addition; seconds per run), `smollm2` (the real
 SmolLM2-135M-Instruct on small additions; `python benchmarks/prepare_smollm2.py` fetches it once), `saliency`
@@ -52,12 +52,22 @@ METHODS: dict[str, tuple[str, dict]] = {
     "r - mean(r)": ("cgpo", dict(baseline="batch_mean")),
     "REINFORCE++ k=1": ("cgpo", dict(baseline="batch_mean", scale_rewards="batch")),
     "SPO (tracker, whitened)": ("cgpo", dict(baseline="prompt_tracker", scale_rewards="batch")),
+    "SPO (KL-adaptive rho)": (
+        "cgpo",
+        dict(baseline="prompt_tracker", scale_rewards="batch", tracker_rho_schedule="kl"),
+    ),
     "A*-PO (TRL A2PO)": ("a2po", {}),
     "GRPO G=4": ("grpo", dict(num_generations=4)),
     "GRPO G=8": ("grpo", dict(num_generations=8)),
     "RLOO G=2": ("rloo", dict(num_generations=2)),
 }
-SINGLE_ROLLOUT_BASELINES = ("r - mean(r)", "REINFORCE++ k=1", "SPO (tracker, whitened)", "A*-PO (TRL A2PO)")
+SINGLE_ROLLOUT_BASELINES = (
+    "r - mean(r)",
+    "REINFORCE++ k=1",
+    "SPO (tracker, whitened)",
+    "SPO (KL-adaptive rho)",
+    "A*-PO (TRL A2PO)",
+)
 GROUP_REFERENCES = ("GRPO G=4", "GRPO G=8", "RLOO G=2")
 
 

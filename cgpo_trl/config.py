@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig
 
 from .advantages import BASELINES, CONFIDENCE_BASELINES, REWARD_SCALINGS, SCALES, TRACKER_BASELINES
+from .baselines import RHO_SCHEDULES, PromptTracker
 from .confidence import CALIBRATIONS, LEVELS, SPANS, get_confidence_estimator
 
 DEFAULT_ESTIMATOR = {"token": "max_prob", "sequence": "geo_mean"}
@@ -50,6 +51,13 @@ class CGPOConfig(GRPOConfig):
             GRPO's `"group"` has no meaning without groups and is refused.
         tracker_rho (`float`, defaults to `0.9`):
             Forgetting factor of the per-prompt tracker: `alpha <- rho * alpha + r`, `beta <- rho * beta + 1 - r`.
+        tracker_rho_schedule (`str`, defaults to `"constant"`):
+            `"constant"` (`tracker_rho`) or `"kl"`: SPO's KL-adaptive factor `clip(2^(-D / 0.06), tracker_rho_min,
+            0.96)`, with `D` the mean absolute change of the log-probs of the prompt's last stored response since its
+            last visit. Costs one extra no-grad forward pass per generation batch (the stored responses) and keeps
+            one response per prompt in memory and in checkpoints.
+        tracker_rho_min (`float`, defaults to `0.875`):
+            Lower clip of the KL-adaptive factor (SPO's default).
         confidence_logps (`str`, defaults to `"policy"`):
             Log-probs a sequence-level confidence is computed from: `"policy"` (TRL's old-policy log-probs when the
             step has them, else the loss pass's own) or `"sampler"` (vLLM's sampling log-probs when present; they
@@ -95,6 +103,14 @@ class CGPOConfig(GRPOConfig):
         metadata={"help": "`none` or `batch` (divide advantages by their global RMS). `group` is refused."},
     )
     tracker_rho: float = field(default=0.9, metadata={"help": "Forgetting factor of the per-prompt tracker."})
+    tracker_rho_schedule: str = field(
+        default="constant",
+        metadata={
+            "help": "`constant` (tracker_rho) or `kl` (SPO's KL-adaptive forgetting factor).",
+            "choices": list(RHO_SCHEDULES),
+        },
+    )
+    tracker_rho_min: float = field(default=0.875, metadata={"help": "Lower clip of the KL-adaptive factor."})
     confidence_logps: str = field(
         default="policy",
         metadata={
@@ -206,8 +222,9 @@ class CGPOConfig(GRPOConfig):
                 "baseline='tracker_confidence' is the online map g(confidence, prompt value): it needs "
                 f"confidence_calibration='online', got {self.confidence_calibration!r}"
             )
-        if self.baseline in TRACKER_BASELINES and not 0.0 < self.tracker_rho <= 1.0:
-            raise ValueError(f"tracker_rho must be in (0, 1], got {self.tracker_rho}")
+        if self.baseline in TRACKER_BASELINES:
+            # the tracker checks its own settings; built here so a bad YAML value fails before any model is loaded
+            PromptTracker(self.tracker_rho, self.tracker_rho_schedule, self.tracker_rho_min)
         if self.reward_weights is not None and self.needs_unit_rewards and any(w < 0 for w in self.reward_weights):
             raise ValueError(
                 f"reward_weights={self.reward_weights} has a negative weight, so r can leave [0, 1]; "

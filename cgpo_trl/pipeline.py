@@ -738,6 +738,22 @@ def train_and_save(trainer, script_args, model_args, stage: str, metrics: dict |
     return all_metrics
 
 
+def end_run(trainer) -> None:
+    """Leave the process group together, then tear it down.
+
+    Rank 0 still writes the model card (and the merged LoRA model) when the other ranks are done; a rank that
+    destroys its gloo group and exits while a peer still holds the group can abort at exit ("terminate called
+    without an active exception", exit code -6), which fails the whole launch after the model was saved. So every
+    rank waits at a barrier, drops its references to the wrapped model and optimizer (their DDP reducer holds the
+    group), and only then destroys the group.
+    """
+    accelerator = trainer.accelerator
+    accelerator.wait_for_everyone()
+    trainer.model_wrapped = trainer.model = trainer.optimizer = trainer.lr_scheduler = None
+    accelerator.free_memory()
+    accelerator.end_training()
+
+
 MERGED_DIR = "merged"
 """With LoRA, `output_dir/merged` holds the base model with the adapter merged in (a full checkpoint that the next
 stage, `predict` and `eval` load like any other); `output_dir` itself holds the adapter."""

@@ -32,6 +32,7 @@ import torch
 from accelerate.utils import is_peft_model
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import add_fused_lm_head, maybe_gather_lm_head_ctx
 
 from .advantages import (
@@ -43,7 +44,7 @@ from .advantages import (
     compute_advantages,
     scale_rewards,
 )
-from .baselines import PromptTracker, prompt_key
+from .baselines import PromptTracker, adaptive_rho, logprob_drift, prompt_key
 from .checkpoints import ResumableTrainerMixin, warn_missing_state
 from .confidence import (
     ConfidenceInputs,
@@ -70,6 +71,19 @@ class _TokenCapture:
 
     outputs: list[tuple[Any, torch.Tensor]] = field(default_factory=list)
     hidden: list[torch.Tensor] = field(default_factory=list)
+
+
+MULTIMODAL_FORWARD_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "num_images",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "num_tiles",
+    "image_sizes",
+    "image_position_ids",
+)
+"""Generation outputs TRL's loss pass forwards to the model besides the token ids (per image, not per position)."""
 
 
 class CGPOTrainer(ResumableTrainerMixin, GRPOFixesMixin, GRPOTrainer):
@@ -100,7 +114,11 @@ class CGPOTrainer(ResumableTrainerMixin, GRPOFixesMixin, GRPOTrainer):
             if uses_confidence and args.confidence_calibration == "online"
             else None
         )
-        self.tracker = PromptTracker(args.tracker_rho) if args.baseline in TRACKER_BASELINES else None
+        self.tracker = (
+            PromptTracker(args.tracker_rho, args.tracker_rho_schedule, args.tracker_rho_min)
+            if args.baseline in TRACKER_BASELINES
+            else None
+        )
         self._token_level = uses_confidence and args.confidence_level == "token"
         self._loss_inputs: dict | None = None  # set while TRL's loss pass runs
         self._entropy_ref: float | None = None
@@ -148,6 +166,8 @@ class CGPOTrainer(ResumableTrainerMixin, GRPOFixesMixin, GRPOTrainer):
         if self.tracker is not None:
             keys = [prompt_key(row.get("prompt"), row.get("images", row.get("image"))) for row in inputs]
             output["cgpo_prompt_keys"] = torch.tensor(keys, dtype=torch.int64, device=output["prompt_ids"].device)
+            if self.tracker.adaptive and self.model.training:
+                output["cgpo_tracker_drift"] = self._tracker_drift(output, keys)
         mode = "train" if self.model.training else "eval"
         num_generations = self.num_generations if mode == "train" else self.num_generations_eval
         if num_generations == 1:
@@ -158,6 +178,48 @@ class CGPOTrainer(ResumableTrainerMixin, GRPOFixesMixin, GRPOTrainer):
             self._logs["advantages"].pop()
         self._logs["advantages"].extend([math.nan] * local * self.accelerator.num_processes)
         return output
+
+    def _tracker_drift(self, output: dict, keys: list[int]) -> torch.Tensor:
+        """SPO's D per prompt: mean |log pi_now - log pi_then| over the prompt's last stored response; NaN if none.
+
+        One no-grad forward pass over this batch's prompts (and images) with their stored responses in place of the
+        new ones. It runs on every process whenever the tracker, identical on all of them, holds any response, so
+        the processes stay in lockstep (DDP, ZeRO-3).
+        """
+        device = output["prompt_ids"].device
+        drift = torch.full((len(keys),), math.nan, device=device)
+        if not self.tracker.responses:
+            return drift
+        stored = [self.tracker.responses.get(key) for key in keys]
+        length = max([len(entry[0]) for entry in stored if entry] + [1])
+        ids = torch.full(
+            (len(keys), length), self._tokenizer.pad_token_id, dtype=output["completion_ids"].dtype, device=device
+        )
+        mask = torch.zeros((len(keys), length), dtype=output["completion_mask"].dtype, device=device)
+        old = torch.zeros((len(keys), length), device=device)
+        for row, entry in enumerate(stored):
+            if entry and entry[0]:
+                n = len(entry[0])
+                ids[row, :n] = torch.tensor(entry[0], dtype=ids.dtype)
+                mask[row, :n] = 1
+                old[row, :n] = torch.tensor(entry[1])
+        prompt_len = output["prompt_ids"].size(1)
+        kwargs = {name: output.get(name) for name in MULTIMODAL_FORWARD_KEYS}
+        for name in ("token_type_ids", "mm_token_type_ids"):  # per position: the prompt's kept, responses are text
+            if output.get(name) is not None:
+                kwargs[name] = torch.cat(
+                    [output[name][:, :prompt_len], torch.zeros_like(ids, dtype=output[name].dtype)], 1
+                )
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            logps, _, _ = self._get_per_token_logps_and_entropies(
+                self.model,
+                torch.cat([output["prompt_ids"], ids], 1),
+                torch.cat([output["prompt_mask"], mask], 1),
+                length,
+                batch_size=self.args.per_device_train_batch_size,
+                **kwargs,
+            )
+        return logprob_drift(logps, old, mask)
 
     def _answer_span_mask(self, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
         open_marker, close_marker = self.args.answer_markers
@@ -218,7 +280,7 @@ class CGPOTrainer(ResumableTrainerMixin, GRPOFixesMixin, GRPOTrainer):
         )
         self._log_cgpo_metrics(rewards, confidence, values, result, mask, entropies)
         if self.model.training:
-            self._update_baseline_state(rewards, confidence, mask, keys, result)
+            self._update_baseline_state(rewards, confidence, mask, keys, result, inputs, logps)
         return result.advantages
 
     def _confidence(self, inputs, logps, entropies, captured, logits_to_keep, mask) -> torch.Tensor | None:
@@ -245,7 +307,7 @@ class CGPOTrainer(ResumableTrainerMixin, GRPOFixesMixin, GRPOTrainer):
             stats.max_logprob = self._max_logprob(captured, logits_to_keep)
         return self.confidence_estimator.fn(stats).float() * mask
 
-    def _update_baseline_state(self, rewards, confidence, mask, keys, result: AdvantageOutputs) -> None:
+    def _update_baseline_state(self, rewards, confidence, mask, keys, result: AdvantageOutputs, inputs, logps) -> None:
         """After the advantages were computed: the calibration pairs and the tracker's visits of this batch."""
         gather = self.accelerator.gather
         if self.calibrator is not None:
@@ -260,8 +322,28 @@ class CGPOTrainer(ResumableTrainerMixin, GRPOFixesMixin, GRPOTrainer):
                 gather(pair_r).flatten(),
                 None if pair_v is None else gather(pair_v).flatten(),
             )
-        if self.tracker is not None:
-            self.tracker.update(keys.tolist(), gather(rewards))
+        if self.tracker is None:
+            return
+        rhos = None
+        if self.tracker.adaptive:
+            drift = gather(inputs["cgpo_tracker_drift"])
+            rhos = adaptive_rho(drift, self.tracker.rho_min)
+            measured = ~torch.isnan(drift)
+            if measured.any():
+                self._metrics["train"]["cgpo/tracker_drift"].append(drift[measured].mean().item())
+                self._metrics["train"]["cgpo/tracker_rho"].append(rhos[measured].mean().item())
+        self.tracker.update(keys.tolist(), gather(rewards), rhos)
+        if self.tracker.adaptive:
+            # the responses of this visit, with their log-probs under the policy that sampled them
+            source = inputs.get("old_per_token_logps")
+            source = logps if source is None else source
+            pad = self.accelerator.pad_across_processes
+            self.tracker.store(
+                keys.tolist(),
+                gather(pad(inputs["completion_ids"], dim=1, pad_index=self._tokenizer.pad_token_id)),
+                gather(pad(source.float(), dim=1)),
+                gather(pad(inputs["completion_mask"], dim=1)),
+            )
 
     # ------------------------------------------------------------------ logging
     def _log_cgpo_metrics(self, rewards, confidence, values, result: AdvantageOutputs, mask, entropies) -> None:

@@ -13,14 +13,14 @@ overridden on the command line; an unknown YAML key is an error naming it.
 from trl import ModelConfig
 
 from cgpo_trl.config import CGPOConfig
-from cgpo_trl.pipeline import SaliencyScriptArguments, build_rl_trainer, parse_args, train_and_save
+from cgpo_trl.pipeline import SaliencyScriptArguments, build_rl_trainer, end_run, parse_args, train_and_save
 
 
 def main(argv=None):
     script_args, training_args, model_args = parse_args((SaliencyScriptArguments, CGPOConfig, ModelConfig), argv)
     trainer = build_rl_trainer(script_args, training_args, model_args)
     metrics = train_and_save(trainer, script_args, model_args, stage="rl")
-    trainer.accelerator.end_training()  # tear the process group down before exit (gloo aborts otherwise)
+    end_run(trainer)
     return metrics
 
 

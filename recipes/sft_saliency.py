@@ -10,14 +10,14 @@ overridden on the command line; an unknown YAML key is an error naming it.
 
 from trl import ModelConfig, SFTConfig
 
-from cgpo_trl.pipeline import SaliencyScriptArguments, build_sft_trainer, parse_args, train_and_save
+from cgpo_trl.pipeline import SaliencyScriptArguments, build_sft_trainer, end_run, parse_args, train_and_save
 
 
 def main(argv=None):
     script_args, training_args, model_args = parse_args((SaliencyScriptArguments, SFTConfig, ModelConfig), argv)
     trainer = build_sft_trainer(script_args, training_args, model_args)
     metrics = train_and_save(trainer, script_args, model_args, stage="sft")
-    trainer.accelerator.end_training()  # tear the process group down before exit (gloo aborts otherwise)
+    end_run(trainer)
     return metrics
 
 

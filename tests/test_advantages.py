@@ -13,7 +13,7 @@ from cgpo_trl.advantages import (
     compute_advantages,
     scale_rewards,
 )
-from cgpo_trl.baselines import PromptTracker, prompt_key
+from cgpo_trl.baselines import PromptTracker, adaptive_rho, logprob_drift, prompt_key
 from cgpo_trl.confidence import OnlineCalibrator
 
 NAN = math.nan
@@ -127,6 +127,39 @@ def test_prompt_tracker_values_after_a_known_reward_sequence():
     assert again.state_dict() == tracker.state_dict()
     with pytest.raises(ValueError, match="rewards in \\[0, 1\\]"):
         tracker.update([key], torch.tensor([1.5]))
+
+
+def test_kl_adaptive_rho_on_known_drifts():
+    """SPO's clip(2^(-D / 0.06), rho_min, 0.96); no stored response (NaN) forgets at the upper clip."""
+    drift = torch.tensor([0.0, 0.06, 0.01, 0.005, NAN])
+    rho = adaptive_rho(drift, rho_min=0.875)
+    torch.testing.assert_close(rho, torch.tensor([0.96, 0.875, 2 ** (-1 / 6), 2 ** (-1 / 12), 0.96]))
+    # mean |new - old| over the masked tokens only; a row with no token has no drift
+    new = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, 0.0, 0.0]])
+    old = torch.tensor([[-1.5, -2.0, -9.0], [-4.0, 0.0, 0.0]])
+    out = logprob_drift(new, old, torch.tensor([[1, 1, 0], [0, 0, 0]]))
+    assert out[0].item() == pytest.approx(0.25) and math.isnan(out[1].item())
+
+
+def test_prompt_tracker_with_a_rho_per_visit_and_stored_responses():
+    tracker = PromptTracker(rho=0.9, rho_schedule="kl")
+    tracker.update([7, 7], torch.tensor([1.0, 0.0]), rhos=torch.tensor([0.96, 0.5]))
+    # alpha: 1 -> 0.5 * 1 + 0 ; beta: 0 -> 0.5 * 0 + 1 (the constant 0.9 would give alpha 0.9)
+    assert tracker.alpha[7] == pytest.approx(0.5) and tracker.beta[7] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="2 visits but 1 forgetting factors"):
+        tracker.update([7, 8], torch.tensor([1.0, 0.0]), rhos=torch.tensor([0.9]))
+    # the last row of a repeated key wins; only masked tokens are kept
+    ids = torch.tensor([[5, 6, 0], [8, 9, 10]])
+    logps = torch.tensor([[-0.5, -0.25, 0.0], [-1.0, -2.0, -3.0]])
+    tracker.store([7, 7], ids, logps, torch.tensor([[1, 1, 0], [1, 1, 0]]))
+    assert tracker.responses == {7: ([8, 9], [-1.0, -2.0])}
+    again = PromptTracker()
+    again.load_state_dict(tracker.state_dict())
+    assert again.state_dict() == tracker.state_dict() and again.adaptive and again.responses == tracker.responses
+    with pytest.raises(ValueError, match="tracker_rho_schedule='kll'"):
+        PromptTracker(rho_schedule="kll")
+    with pytest.raises(ValueError, match="tracker_rho_min must be in"):
+        PromptTracker(rho_schedule="kl", rho_min=0.99)
 
 
 def test_prompt_keys_are_stable_and_see_images():

@@ -382,16 +382,21 @@ def test_confidence_calibrated_metric_is_the_mean_of_the_mapped_baselines(tmp_pa
     assert abs(logged[0] - captured["g_of_mean"].mean().item()) > 1e-3  # the test tells the two apart
 
 
-@pytest.mark.parametrize("baseline", ["prompt_tracker", "tracker_confidence"])
+@pytest.mark.parametrize(
+    "baseline, schedule",
+    [("prompt_tracker", "constant"), ("tracker_confidence", "constant"), ("prompt_tracker", "kl")],
+)
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_tracker_state_is_saved_and_restored_through_resume(tmp_path, baseline):
+def test_tracker_state_is_saved_and_restored_through_resume(tmp_path, baseline, schedule):
     """The per-prompt tracker (and the two-feature map) are in the checkpoint and back before the first resumed
     step; every prompt the run visited is tracked."""
     import json
     import os
 
     kwargs = settings(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
-    args = CGPOConfig(**kwargs, baseline=baseline, calibration_min_pairs=4, scale_rewards="batch")
+    args = CGPOConfig(
+        **kwargs, baseline=baseline, calibration_min_pairs=4, scale_rewards="batch", tracker_rho_schedule=schedule
+    )
     model, tokenizer = build_tiny_lm()
     trainer = CGPOTrainer(
         model, [length_reward], args=args, train_dataset=text_prompt_dataset(), processing_class=tokenizer
@@ -400,6 +405,8 @@ def test_tracker_state_is_saved_and_restored_through_resume(tmp_path, baseline):
     saved = json.loads((tmp_path / "out" / "checkpoint-2" / "cgpo_state.json").read_text())
     assert len(saved["tracker"]["alpha"]) == 8  # 2 steps x 4 prompts, all distinct within an epoch of 16
     assert len(trainer.tracker) == 16
+    if schedule == "kl":  # with their last responses, to measure the next visit's drift
+        assert len(saved["tracker"]["responses"]) == 8
     if baseline == "tracker_confidence":
         assert saved["calibrator"]["with_values"] and len(saved["calibrator"]["values"]) == len(
             saved["calibrator"]["rewards"]
@@ -408,3 +415,46 @@ def test_tracker_state_is_saved_and_restored_through_resume(tmp_path, baseline):
     resumed, at_start = resume_tiny_lm_run(args, os.path.join(args.output_dir, "checkpoint-2"))
     assert at_start == saved
     assert len(resumed.tracker) == 16
+
+
+@pytest.mark.parametrize("learning_rate", [0.0, 1e-2])
+def test_kl_adaptive_rho_measures_how_far_the_policy_moved_on_the_stored_response(tmp_path, learning_rate):
+    """SPO's adaptive forgetting through the trainer: the same 4 prompts every step, so from step 2 on each has a
+    stored response. A policy that never moves (lr 0) re-scores it exactly (D = 0, rho at its upper clip 0.96);
+    a moving one (lr 1e-2) gives D > 0 and a smaller rho. A misaligned or wrong stored response would give D > 0
+    at lr 0; a drift never measured, or never used, would give rho = 0.96 at lr 1e-2."""
+    args = CGPOConfig(
+        **settings(tmp_path, learning_rate=learning_rate, max_steps=3),
+        baseline="prompt_tracker",
+        tracker_rho_schedule="kl",
+    )
+    model, tokenizer = build_tiny_lm()
+    trainer = Recording(
+        model, [length_reward], args=args, train_dataset=text_prompt_dataset(4), processing_class=tokenizer
+    )
+    visits = []
+    update = trainer.tracker.update
+    trainer.tracker.update = lambda keys, rewards, rhos=None: (
+        visits.append(rhos.clone()),
+        update(keys, rewards, rhos),
+    )
+    trainer.train()
+    assert len(visits) == 3 and len(trainer.tracker.responses) == 4
+    assert visits[0].tolist() == pytest.approx([0.96] * 4)  # first visits: nothing stored yet
+    drifts = [h["cgpo/tracker_drift"] for h in trainer.state.log_history if "cgpo/tracker_drift" in h]
+    assert len(drifts) == 2  # measured on both revisits
+    later = torch.cat(visits[1:])
+    if learning_rate == 0.0:
+        assert max(drifts) < 1e-4
+        assert later.tolist() == pytest.approx([0.96] * 8)
+    else:
+        assert min(drifts) > 1e-3
+        assert (later < 0.96 - 1e-3).any()
+        assert later.min() >= 0.875 - 1e-6  # SPO's lower clip
+    # the stored responses are the last visit's completions (their unpadded ids)
+    last = trainer.seen[-1]
+    completions = {
+        tuple(i for i, m in zip(ids, mask) if m)
+        for ids, mask in zip(last["completion_ids"].tolist(), last["completion_mask"].tolist())
+    }
+    assert {tuple(ids) for ids, _ in trainer.tracker.responses.values()} == completions

@@ -539,7 +539,8 @@ def test_lora_sft_saves_the_adapter_and_a_merged_checkpoint(tiny_checkpoint, tmp
 
 # ------------------------------------------------------------------------------------------------ multi-process
 def launch(config_file: str, tiny_checkpoint: str, out: Path, port: int, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    # faulthandler: should a rank ever abort again, its Python stack is in the failure message
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONFAULTHANDLER": "1"}
     cmd = [
         sys.executable,
         "-m",
