@@ -14,7 +14,9 @@ from cgpo_trl import CGPOConfig, CGPOTrainer
 from cgpo_trl import trainer as trainer_module
 from cgpo_trl.testing import (
     build_tiny_lm,
+    build_tiny_vlm,
     build_tokenizer,
+    image_prompt_dataset,
     length_reward,
     resume_tiny_lm_run,
     text_prompt_dataset,
@@ -458,3 +460,22 @@ def test_kl_adaptive_rho_measures_how_far_the_policy_moved_on_the_stored_respons
         for ids, mask in zip(last["completion_ids"].tolist(), last["completion_mask"].tolist())
     }
     assert {tuple(ids) for ids, _ in trainer.tracker.responses.values()} == completions
+
+
+def test_kl_adaptive_rho_rescores_stored_responses_with_their_images(tmp_path):
+    """The VLM path of the drift pass: 4 prompts that differ only by their image, revisited every step. With a policy
+    that never moves the stored responses re-score exactly, which holds only if each is scored with its own prompt's
+    image (pixel values, grid and per-position token types rebuilt for the stored response's length)."""
+    args = CGPOConfig(
+        **settings(tmp_path, learning_rate=0.0, max_steps=3, max_completion_length=6),
+        baseline="prompt_tracker",
+        tracker_rho_schedule="kl",
+    )
+    model, processor = build_tiny_vlm()
+    trainer = CGPOTrainer(
+        model, [length_reward], args=args, train_dataset=image_prompt_dataset(4), processing_class=processor
+    )
+    trainer.train()
+    drifts = [h["cgpo/tracker_drift"] for h in trainer.state.log_history if "cgpo/tracker_drift" in h]
+    assert len(drifts) == 2 and max(drifts) < 1e-4
+    assert len(trainer.tracker.responses) == 4
