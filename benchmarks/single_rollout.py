@@ -68,6 +68,8 @@ SINGLE_ROLLOUT_BASELINES = (
     "SPO (KL-adaptive rho)",
     "A*-PO (TRL A2PO)",
 )
+SEED_BLOCK = 5
+"""Seeds are run in blocks of 5 (0-4, then 5-9 as a replication): the report also compares each block alone."""
 GROUP_REFERENCES = ("GRPO G=4", "GRPO G=8", "RLOO G=2")
 
 
@@ -504,6 +506,10 @@ def paired_difference(a: list[dict], b: list[dict]) -> tuple[float, float]:
     return statistics.mean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
 
 
+def seed_subset(runs: list[dict], seeds: range) -> list[dict]:
+    return [r for r in runs if r["seed"] in seeds]
+
+
 def gap_in_se(a: list[dict], b: list[dict], paired: bool) -> float:
     """Mean final score of runs `a` minus runs `b`, in standard errors: unpaired (independent means), or paired by
     seed — a seed fixes the prompt order and the held-out sampling for every method (common random numbers), so
@@ -541,6 +547,19 @@ def verdict(runs: dict, summary: dict, start: dict) -> list[str]:
             f"- {method} minus, paired by seed: "
             + "; ".join("{} {:+.3f} ± {:.3f}".format(m, *paired_difference(runs[method], runs[m])) for m in others)
         )
+        # seeds added later (a replication) are also compared on their own, block by block of SEED_BLOCK
+        blocks = sorted({r["seed"] // SEED_BLOCK for r in runs[method]})
+        for block in blocks if len(blocks) > 1 else []:
+            seeds = range(block * SEED_BLOCK, (block + 1) * SEED_BLOCK)
+            parts = []
+            for m in others:
+                diff, se = paired_difference(seed_subset(runs[method], seeds), seed_subset(runs[m], seeds))
+                if not math.isnan(diff):
+                    parts.append(
+                        f"{m} {diff:+.3f} ± {se:.3f} ({diff / se:.1f} s.e.)" if se > 0 else f"{m} {diff:+.3f}"
+                    )
+            if parts:
+                lines.append(f"- {method} minus, paired, seeds {seeds[0]}-{seeds[-1]} only: " + "; ".join(parts))
     if "GRPO G=8" in runs:
         target = summary["GRPO G=8"]["score"]
         budget = runs["GRPO G=8"][0]["final"]["completions"]
