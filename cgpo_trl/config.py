@@ -54,8 +54,8 @@ class CGPOConfig(GRPOConfig):
         tracker_rho_schedule (`str`, defaults to `"constant"`):
             `"constant"` (`tracker_rho`) or `"kl"`: SPO's KL-adaptive factor `clip(2^(-D / 0.06), tracker_rho_min,
             0.96)`, with `D` the mean absolute change of the log-probs of the prompt's last stored response since its
-            last visit. Costs one extra no-grad forward pass per generation batch (the stored responses) and keeps
-            one response per prompt in memory and in checkpoints.
+            last visit. Costs one extra no-grad forward pass per generation batch that revisits a prompt (over the
+            stored responses) and keeps one response per prompt in memory and in checkpoints.
         tracker_rho_min (`float`, defaults to `0.875`):
             Lower clip of the KL-adaptive factor (SPO's default).
         confidence_logps (`str`, defaults to `"policy"`):

@@ -183,14 +183,15 @@ class CGPOTrainer(ResumableTrainerMixin, GRPOFixesMixin, GRPOTrainer):
         """SPO's D per prompt: mean |log pi_now - log pi_then| over the prompt's last stored response; NaN if none.
 
         One no-grad forward pass over this batch's prompts (and images) with their stored responses in place of the
-        new ones. It runs on every process whenever the tracker, identical on all of them, holds any response, so
-        the processes stay in lockstep (DDP, ZeRO-3).
+        new ones. It runs on every process whenever any process's batch revisits a stored prompt (decided from a
+        gathered flag, so the processes stay in lockstep under DDP and ZeRO-3), and is skipped otherwise.
         """
         device = output["prompt_ids"].device
         drift = torch.full((len(keys),), math.nan, device=device)
-        if not self.tracker.responses:
-            return drift
         stored = [self.tracker.responses.get(key) for key in keys]
+        revisits = torch.tensor([any(entry and entry[0] for entry in stored)], device=device)
+        if not self.accelerator.gather(revisits).any():
+            return drift
         length = max([len(entry[0]) for entry in stored if entry] + [1])
         ids = torch.full(
             (len(keys), length), self._tokenizer.pad_token_id, dtype=output["completion_ids"].dtype, device=device

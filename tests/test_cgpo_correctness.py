@@ -479,3 +479,21 @@ def test_kl_adaptive_rho_rescores_stored_responses_with_their_images(tmp_path):
     drifts = [h["cgpo/tracker_drift"] for h in trainer.state.log_history if "cgpo/tracker_drift" in h]
     assert len(drifts) == 2 and max(drifts) < 1e-4
     assert len(trainer.tracker.responses) == 4
+
+
+def test_kl_drift_pass_runs_only_when_the_batch_revisits_a_stored_prompt(tmp_path, monkeypatch):
+    """8 prompts, 4 per step: step 1 stores, step 2 sees 4 new prompts (no stored response: no pass), step 3 is the
+    second epoch and revisits. The extra forward pass runs once, not on every step after the first."""
+    passes = []
+    drift = trainer_module.logprob_drift
+    monkeypatch.setattr(trainer_module, "logprob_drift", lambda *a: passes.append(1) or drift(*a))
+    args = CGPOConfig(
+        **settings(tmp_path, max_steps=3), baseline="prompt_tracker", tracker_rho_schedule="kl", shuffle_dataset=False
+    )
+    model, tokenizer = build_tiny_lm()
+    trainer = CGPOTrainer(
+        model, [length_reward], args=args, train_dataset=text_prompt_dataset(8), processing_class=tokenizer
+    )
+    trainer.train()
+    assert len(passes) == 1
+    assert len([h for h in trainer.state.log_history if "cgpo/tracker_drift" in h]) == 1
