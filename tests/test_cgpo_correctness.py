@@ -419,17 +419,20 @@ def test_tracker_state_is_saved_and_restored_through_resume(tmp_path, baseline, 
     assert len(resumed.tracker) == 16
 
 
+def kl_tracker_args(tmp_path, **overrides) -> CGPOConfig:
+    """SPO's tracker with the KL-adaptive rho, 3 tiny steps."""
+    return CGPOConfig(
+        **settings(tmp_path, **{"max_steps": 3, **overrides}), baseline="prompt_tracker", tracker_rho_schedule="kl"
+    )
+
+
 @pytest.mark.parametrize("learning_rate", [0.0, 1e-2])
 def test_kl_adaptive_rho_measures_how_far_the_policy_moved_on_the_stored_response(tmp_path, learning_rate):
     """SPO's adaptive forgetting through the trainer: the same 4 prompts every step, so from step 2 on each has a
     stored response. A policy that never moves (lr 0) re-scores it exactly (D = 0, rho at its upper clip 0.96);
     a moving one (lr 1e-2) gives D > 0 and a smaller rho. A misaligned or wrong stored response would give D > 0
     at lr 0; a drift never measured, or never used, would give rho = 0.96 at lr 1e-2."""
-    args = CGPOConfig(
-        **settings(tmp_path, learning_rate=learning_rate, max_steps=3),
-        baseline="prompt_tracker",
-        tracker_rho_schedule="kl",
-    )
+    args = kl_tracker_args(tmp_path, learning_rate=learning_rate)
     model, tokenizer = build_tiny_lm()
     trainer = Recording(
         model, [length_reward], args=args, train_dataset=text_prompt_dataset(4), processing_class=tokenizer
@@ -466,11 +469,7 @@ def test_kl_adaptive_rho_rescores_stored_responses_with_their_images(tmp_path):
     """The VLM path of the drift pass: 4 prompts that differ only by their image, revisited every step. With a policy
     that never moves the stored responses re-score exactly, which holds only if each is scored with its own prompt's
     image (pixel values, grid and per-position token types rebuilt for the stored response's length)."""
-    args = CGPOConfig(
-        **settings(tmp_path, learning_rate=0.0, max_steps=3, max_completion_length=6),
-        baseline="prompt_tracker",
-        tracker_rho_schedule="kl",
-    )
+    args = kl_tracker_args(tmp_path, learning_rate=0.0, max_completion_length=6)
     model, processor = build_tiny_vlm()
     trainer = CGPOTrainer(
         model, [length_reward], args=args, train_dataset=image_prompt_dataset(4), processing_class=processor
@@ -487,9 +486,7 @@ def test_kl_drift_pass_runs_only_when_the_batch_revisits_a_stored_prompt(tmp_pat
     passes = []
     drift = trainer_module.logprob_drift
     monkeypatch.setattr(trainer_module, "logprob_drift", lambda *a: passes.append(1) or drift(*a))
-    args = CGPOConfig(
-        **settings(tmp_path, max_steps=3), baseline="prompt_tracker", tracker_rho_schedule="kl", shuffle_dataset=False
-    )
+    args = kl_tracker_args(tmp_path, shuffle_dataset=False)
     model, tokenizer = build_tiny_lm()
     trainer = CGPOTrainer(
         model, [length_reward], args=args, train_dataset=text_prompt_dataset(8), processing_class=tokenizer
