@@ -393,7 +393,15 @@ def run_one(task: Task, method: str, seed: int, checkpoint: Path, out: Path) -> 
         "entropy_ratio": entropies[-1] / entropies[0] if len(entropies) > 1 else math.nan,
         "train_reward": [h["reward"] for h in history if "reward" in h],
         "zero_advantage_batches": sum(h.get("cgpo/zero_advantage_batch", 0.0) for h in history),
+        # SPO's adaptive forgetting: mean drift and rho over the logged steps that revisited a prompt
+        "tracker_drift": mean_logged(history, "cgpo/tracker_drift"),
+        "tracker_rho": mean_logged(history, "cgpo/tracker_rho"),
     }
+
+
+def mean_logged(history: list[dict], key: str) -> float:
+    values = [h[key] for h in history if key in h]
+    return statistics.mean(values) if values else math.nan
 
 
 # ----------------------------------------------------------------------------------------------------- report
@@ -464,6 +472,15 @@ def report(out: Path, task: Task, start: dict) -> str:
         )
     for method, changes in task.method_overrides.items():
         lines.append(f"\n{method} runs with {changes} (see the task's note in benchmarks/single_rollout.py).")
+    for method, rs in runs.items():
+        measured = [r for r in rs if not math.isnan(r.get("tracker_drift", math.nan))]
+        if measured:
+            drift = statistics.mean(r["tracker_drift"] for r in measured)
+            rho = statistics.mean(r["tracker_rho"] for r in measured)
+            lines.append(
+                f"\n{method}: mean log-prob drift between two visits {drift:.3f} nats, mean adaptive rho "
+                f"{rho:.3f} ({len(measured)} seeds)."
+            )
     lines += ["", *verdict(runs, summary, start)]
     (out / "summary.json").write_text(json.dumps({"task": task.name, "start": start, "methods": summary}, indent=1))
 
